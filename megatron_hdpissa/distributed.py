@@ -1,0 +1,98 @@
+"""Process-group set-up: torch.distributed plus megatron-core model-parallel groups, CPU or GPU."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups HD-PiSSA needs, passed around explicitly (megatron-core style)."""
+
+    tp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    dp_size: int
+
+    @classmethod
+    def from_megatron(cls) -> "ParallelGroups":
+        """Read the groups megatron-core's `parallel_state` holds (single process if uninitialised)."""
+        from megatron.core import parallel_state as ps
+
+        if not (dist.is_available() and dist.is_initialized()) or not ps.model_parallel_is_initialized():
+            return cls(None, None, 0, 1, 0, 1)
+        return cls(
+            tp_group=ps.get_tensor_model_parallel_group(),
+            dp_group=ps.get_data_parallel_group(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+        )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    backend: str | None = None,
+    timeout_minutes: int = 30,
+) -> ParallelGroups:
+    """Initialise torch.distributed from the usual env vars (RANK, WORLD_SIZE, MASTER_ADDR, ...)
+    and megatron-core's model-parallel groups. Works with gloo on CPU and NCCL on GPU."""
+    from megatron.core import parallel_state as ps
+
+    backend = backend or default_backend()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()) if world_size == 1 else "29500")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    mp = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % mp != 0:
+        raise ValueError(
+            f"--tensor-model-parallel-size {tensor_model_parallel_size} x "
+            f"--pipeline-model-parallel-size {pipeline_model_parallel_size} does not divide "
+            f"the world size {world_size}"
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            create_gloo_process_groups=(backend != "gloo"),
+        )
+    return ParallelGroups.from_megatron()
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,55 @@
+"""Run a test function on N real processes (gloo on CPU) with megatron-core groups initialised."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_hdpissa.distributed import free_port
+
+
+def _worker(rank, world_size, tp, port, fn, args, out_dir):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from megatron_hdpissa import distributed
+
+    try:
+        distributed.initialize(tensor_model_parallel_size=tp, backend="gloo")
+        result = fn(*args)
+        error = None
+    except BaseException:  # noqa: BLE001 - shipped back to the parent test
+        result, error = None, traceback.format_exc()
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump((result, error), f)
+    try:
+        distributed.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = ()) -> list:
+    """Spawn `world_size` processes, run `fn(*args)` in each after megatron-core initialisation
+    with tensor parallel size `tp`, and return the per-rank results (re-raising any failure)."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker,
+            args=(world_size, tp, free_port(), fn, args, out_dir),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"rank{rank}.pkl"), "rb") as f:
+                result, error = pickle.load(f)
+            if error is not None:
+                raise RuntimeError(f"rank {rank} failed:\n{error}")
+            results.append(result)
+    return results
