@@ -1,0 +1,164 @@
+"""apply_hd_pissa: find targeted megatron-core parallel linears, attach adapters, decompose."""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import layout
+from .adapter import COLUMN, ROW, HDPiSSAAdapter, attach
+from .config import HDPiSSAConfig
+from .decomposition import Unit, decompose_units
+from .distributed import ParallelGroups
+
+
+def _parallel_linear_types():
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    return ColumnParallelLinear, RowParallelLinear
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """PEFT-style matching: exact name, a `.`-suffix, or `re:<regex>` on the full name."""
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.fullmatch(pat[3:], name):
+                return True
+        elif name == pat or name.endswith("." + pat):
+            return True
+    return False
+
+
+def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module, HDPiSSAAdapter]]:
+    """(layer name, base layer, adapter) for every adapted layer, in module order."""
+    for name, module in model.named_modules():
+        adapter = module._modules.get("hd_pissa") if hasattr(module, "_modules") else None
+        if isinstance(adapter, HDPiSSAAdapter):
+            yield name, module, adapter
+
+
+def _layer_parts(name: str, module: nn.Module, kind: str, fused: bool, tp_size: int) -> list[layout.Part]:
+    if kind == ROW or fused:
+        return layout.whole()
+    cfg = getattr(module, "config", None)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "linear_qkv" and getattr(cfg, "num_attention_heads", None):
+        heads = cfg.num_attention_heads
+        groups = cfg.num_query_groups or heads
+        head_dim = cfg.kv_channels or cfg.hidden_size // heads
+        expected = (heads + 2 * groups) * head_dim
+        if module.output_size != expected:
+            raise ValueError(f"{name}: output size {module.output_size} is not the fused QKV size {expected}")
+        return layout.qkv_parts(heads, groups, head_dim, tp_size, name)
+    if leaf == "linear_fc1" and getattr(cfg, "gated_linear_unit", False):
+        return layout.gate_up_parts(module.output_size_per_partition, name)
+    return layout.whole()
+
+
+def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[ParallelGroups] = None,
+                   progress: bool = True) -> nn.Module:
+    """Wrap matching megatron-core Column/RowParallelLinear layers in place, freeze the base,
+    decompose the full weights once (after the base checkpoint is loaded) and hand each
+    data-parallel rank (and virtual rank) its slice of the singular components."""
+    column_t, row_t = _parallel_linear_types()
+    groups = groups or ParallelGroups.from_megatron()
+    local_slices = config.virtual_ranks
+    num_slices = groups.dp_size * local_slices
+    first_slice = groups.dp_rank * local_slices
+
+    targets = []
+    linear_names = []
+    for name, module in model.named_modules():
+        if isinstance(module, (column_t, row_t)):
+            linear_names.append(name)
+            if matches(name, config.target_modules):
+                targets.append((name, module))
+        elif matches(name, config.target_modules) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise TypeError(
+                f"{name}: --hd-pissa-target-modules matched a {type(module).__name__}, but only "
+                "megatron-core ColumnParallelLinear/RowParallelLinear layers are supported"
+            )
+    if not targets:
+        shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
+        raise ValueError(
+            f"--hd-pissa-target-modules {list(config.target_modules)} matched no parallel linear "
+            f"layer; the model has: {shown or 'no megatron-core parallel linear layers'}"
+        )
+
+    for pname, param in model.named_parameters():
+        param.requires_grad_(matches(pname.rsplit(".", 1)[0], config.trainable_modules)
+                             or matches(pname, config.trainable_modules))
+
+    units = []
+    for name, module in targets:
+        kind = COLUMN if isinstance(module, column_t) else ROW
+        if getattr(module, "sequence_parallel", False) or getattr(module.config, "sequence_parallel", False):
+            raise NotImplementedError(f"{name}: sequence parallelism is not supported by HD-PiSSA yet")
+        if module.weight is None:
+            raise ValueError(f"{name}: layer has no weight (skip_weight_param_allocation)")
+        tp = groups.tp_size
+        m_full, n_full = module.output_size, module.input_size
+        if kind == COLUMN and m_full % tp or kind == ROW and n_full % tp:
+            raise ValueError(f"{name}: --tensor-model-parallel-size {tp} does not divide the layer ({m_full}x{n_full})")
+        parts = _layer_parts(name, module, kind, config.fused_decomposition, tp)
+        w_local = module.weight
+        if kind == COLUMN:
+            rows_local = [p.num_rows if p.rows is not None else w_local.shape[0] for p in parts]
+            n_local = w_local.shape[1]
+            shapes = [(r_loc * tp, n_full) for r_loc in rows_local]
+        else:
+            rows_local = [w_local.shape[0]]
+            n_local = w_local.shape[1]
+            shapes = [(m_full, n_full)]
+        for part, (m, n) in zip(parts, shapes):
+            need = num_slices * config.rank
+            if need > min(m, n):
+                raise ValueError(
+                    f"{name}" + (f" (part {part.name})" if part.name != "w" else "") +
+                    f": {groups.dp_size} data-parallel ranks x {local_slices} virtual ranks x "
+                    f"--hd-pissa-rank {config.rank} = {need} singular components, but the "
+                    f"{m}x{n} matrix has only {min(m, n)}"
+                )
+        adapter = HDPiSSAAdapter(
+            layer_name=name, kind=kind, parts=parts, rank=config.rank, scale=config.scale,
+            local_slices=local_slices, num_slices=num_slices, first_slice=first_slice,
+            in_features_local=n_local, part_rows_local=rows_local, tp_group=groups.tp_group,
+            tp_rank=groups.tp_rank, tp_size=groups.tp_size,
+            gather_output=bool(getattr(module, "gather_output", False)),
+        ).to(device=w_local.device)
+        adapter.scatter_input = kind == ROW and not getattr(module, "input_is_parallel", True)
+        attach(module, adapter)
+        for part, (m, n) in zip(parts, shapes):
+            units.append(Unit(adapter, w_local, part, m, n))
+        module.weight.requires_grad_(False)
+        if getattr(module, "bias", None) is not None and isinstance(module.bias, torch.Tensor):
+            module.bias.requires_grad_(matches(name + ".bias", config.trainable_modules))
+
+    decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
+                    config.seed, progress=progress)
+    model.hd_pissa_config = config
+    model.hd_pissa_groups = groups
+    return model
+
+
+class active_slice:
+    """Context manager: route gradients of every adapter in `model` to local slice `index`
+    (virtual ranks: feed slice l only its own micro-batches)."""
+
+    def __init__(self, model: nn.Module, index: int):
+        self.adapters = [ad for _, _, ad in iter_adapters(model)]
+        self.index = index
+
+    def __enter__(self):
+        for ad in self.adapters:
+            if not 0 <= self.index < ad.local_slices:
+                raise IndexError(f"virtual rank {self.index} out of range 0..{ad.local_slices - 1}")
+            ad.active_slice = self.index
+        return self
+
+    def __exit__(self, *exc):
+        for ad in self.adapters:
+            ad.active_slice = 0
+        return False
