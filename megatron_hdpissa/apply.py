@@ -1,7 +1,9 @@
 """apply_hd_pissa: find targeted megatron-core parallel linears, attach adapters, decompose."""
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from . import layout
 from .adapter import COLUMN, ROW, HDPiSSAAdapter, attach
 from .config import HDPiSSAConfig
-from .decomposition import Unit, decompose_units
+from .decomposition import Unit, decompose_units, fill_hd_pissa
 from .distributed import ParallelGroups
 
 
@@ -57,25 +59,30 @@ def _layer_parts(name: str, module: nn.Module, kind: str, fused: bool, tp_size: 
     return layout.whole()
 
 
-def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[ParallelGroups] = None,
-                   progress: bool = True) -> nn.Module:
-    """Wrap matching megatron-core Column/RowParallelLinear layers in place, freeze the base,
-    decompose the full weights once (after the base checkpoint is loaded) and hand each
-    data-parallel rank (and virtual rank) its slice of the singular components."""
-    column_t, row_t = _parallel_linear_types()
-    groups = groups or ParallelGroups.from_megatron()
-    local_slices = config.virtual_ranks
-    num_slices = groups.dp_size * local_slices
-    first_slice = groups.dp_rank * local_slices
+@dataclass
+class Target:
+    """A targeted parallel linear and the logical matrices (parts) inside its weight."""
 
-    targets = []
-    linear_names = []
+    name: str
+    module: nn.Module
+    kind: str  # COLUMN or ROW
+    parts: list
+    rows_local: list  # local output rows of each part
+    in_local: int  # local input features
+    shapes: list  # full logical (m, n) of each part
+
+
+def find_targets(model: nn.Module, patterns: Sequence[str], tp_size: int, fused: bool) -> list[Target]:
+    """Match `--hd-pissa-target-modules` (or the baselines' equivalent) against the model's
+    megatron-core parallel linears; clear errors for nothing matched or unsupported layers."""
+    column_t, row_t = _parallel_linear_types()
+    targets, linear_names = [], []
     for name, module in model.named_modules():
         if isinstance(module, (column_t, row_t)):
             linear_names.append(name)
-            if matches(name, config.target_modules):
-                targets.append((name, module))
-        elif matches(name, config.target_modules) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            if matches(name, patterns):
+                targets.append(_target(name, module, COLUMN if isinstance(module, column_t) else ROW, tp_size, fused))
+        elif matches(name, patterns) and isinstance(getattr(module, "weight", None), torch.Tensor):
             raise TypeError(
                 f"{name}: --hd-pissa-target-modules matched a {type(module).__name__}, but only "
                 "megatron-core ColumnParallelLinear/RowParallelLinear layers are supported"
@@ -83,58 +90,78 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
     if not targets:
         shown = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
         raise ValueError(
-            f"--hd-pissa-target-modules {list(config.target_modules)} matched no parallel linear "
+            f"--hd-pissa-target-modules {list(patterns)} matched no parallel linear "
             f"layer; the model has: {shown or 'no megatron-core parallel linear layers'}"
         )
+    return targets
 
+
+def _target(name: str, module: nn.Module, kind: str, tp: int, fused: bool) -> Target:
+    if getattr(module, "sequence_parallel", False) or getattr(module.config, "sequence_parallel", False):
+        raise NotImplementedError(f"{name}: sequence parallelism is not supported by the adapters yet")
+    if module.weight is None:
+        raise ValueError(f"{name}: layer has no weight (skip_weight_param_allocation)")
+    m_full, n_full = module.output_size, module.input_size
+    if kind == COLUMN and m_full % tp or kind == ROW and n_full % tp:
+        raise ValueError(f"{name}: --tensor-model-parallel-size {tp} does not divide the layer ({m_full}x{n_full})")
+    parts = _layer_parts(name, module, kind, fused, tp)
+    w_local = module.weight
+    if kind == COLUMN:
+        rows_local = [p.num_rows if p.rows is not None else w_local.shape[0] for p in parts]
+        shapes = [(r_loc * tp, n_full) for r_loc in rows_local]
+    else:
+        rows_local, shapes = [w_local.shape[0]], [(m_full, n_full)]
+    return Target(name, module, kind, parts, rows_local, w_local.shape[1], shapes)
+
+
+def freeze_base(model: nn.Module, trainable_modules: Sequence[str]) -> None:
+    """Freeze every parameter except those matching `trainable_modules` (by module or full name)."""
     for pname, param in model.named_parameters():
-        param.requires_grad_(matches(pname.rsplit(".", 1)[0], config.trainable_modules)
-                             or matches(pname, config.trainable_modules))
+        param.requires_grad_(matches(pname.rsplit(".", 1)[0], trainable_modules)
+                             or matches(pname, trainable_modules))
 
+
+def check_components(t: Target, need: int, what: str) -> None:
+    for part, (m, n) in zip(t.parts, t.shapes):
+        if need > min(m, n):
+            raise ValueError(
+                f"{t.name}" + (f" (part {part.name})" if part.name != "w" else "") +
+                f": {what} = {need} singular components, but the {m}x{n} matrix has only {min(m, n)}"
+            )
+
+
+def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[ParallelGroups] = None,
+                   progress: bool = True) -> nn.Module:
+    """Wrap matching megatron-core Column/RowParallelLinear layers in place, freeze the base,
+    decompose the full weights once (after the base checkpoint is loaded) and hand each
+    data-parallel rank (and virtual rank) its slice of the singular components."""
+    groups = groups or ParallelGroups.from_megatron()
+    local_slices = config.virtual_ranks
+    num_slices = groups.dp_size * local_slices
+    first_slice = groups.dp_rank * local_slices
+    targets = find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition)
+    freeze_base(model, config.trainable_modules)
+    what = (f"{groups.dp_size} data-parallel ranks x {local_slices} virtual ranks x "
+            f"--hd-pissa-rank {config.rank}")
     units = []
-    for name, module in targets:
-        kind = COLUMN if isinstance(module, column_t) else ROW
-        if getattr(module, "sequence_parallel", False) or getattr(module.config, "sequence_parallel", False):
-            raise NotImplementedError(f"{name}: sequence parallelism is not supported by HD-PiSSA yet")
-        if module.weight is None:
-            raise ValueError(f"{name}: layer has no weight (skip_weight_param_allocation)")
-        tp = groups.tp_size
-        m_full, n_full = module.output_size, module.input_size
-        if kind == COLUMN and m_full % tp or kind == ROW and n_full % tp:
-            raise ValueError(f"{name}: --tensor-model-parallel-size {tp} does not divide the layer ({m_full}x{n_full})")
-        parts = _layer_parts(name, module, kind, config.fused_decomposition, tp)
-        w_local = module.weight
-        if kind == COLUMN:
-            rows_local = [p.num_rows if p.rows is not None else w_local.shape[0] for p in parts]
-            n_local = w_local.shape[1]
-            shapes = [(r_loc * tp, n_full) for r_loc in rows_local]
-        else:
-            rows_local = [w_local.shape[0]]
-            n_local = w_local.shape[1]
-            shapes = [(m_full, n_full)]
-        for part, (m, n) in zip(parts, shapes):
-            need = num_slices * config.rank
-            if need > min(m, n):
-                raise ValueError(
-                    f"{name}" + (f" (part {part.name})" if part.name != "w" else "") +
-                    f": {groups.dp_size} data-parallel ranks x {local_slices} virtual ranks x "
-                    f"--hd-pissa-rank {config.rank} = {need} singular components, but the "
-                    f"{m}x{n} matrix has only {min(m, n)}"
-                )
+    for t in targets:
+        check_components(t, num_slices * config.rank, what)
+        module = t.module
         adapter = HDPiSSAAdapter(
-            layer_name=name, kind=kind, parts=parts, rank=config.rank, scale=config.scale,
+            layer_name=t.name, kind=t.kind, parts=t.parts, rank=config.rank, scale=config.scale,
             local_slices=local_slices, num_slices=num_slices, first_slice=first_slice,
-            in_features_local=n_local, part_rows_local=rows_local, tp_group=groups.tp_group,
+            in_features_local=t.in_local, part_rows_local=t.rows_local, tp_group=groups.tp_group,
             tp_rank=groups.tp_rank, tp_size=groups.tp_size,
             gather_output=bool(getattr(module, "gather_output", False)),
-        ).to(device=w_local.device)
-        adapter.scatter_input = kind == ROW and not getattr(module, "input_is_parallel", True)
+        ).to(device=module.weight.device)
+        adapter.scatter_input = t.kind == ROW and not getattr(module, "input_is_parallel", True)
         attach(module, adapter)
-        for part, (m, n) in zip(parts, shapes):
-            units.append(Unit(adapter, w_local, part, m, n))
+        for part, (m, n) in zip(t.parts, t.shapes):
+            fill = functools.partial(fill_hd_pissa, adapter, part.name, groups)
+            units.append(Unit(t.kind, module.weight, part, m, n, num_slices * config.rank, fill))
         module.weight.requires_grad_(False)
         if getattr(module, "bias", None) is not None and isinstance(module.bias, torch.Tensor):
-            module.bias.requires_grad_(matches(name + ".bias", config.trainable_modules))
+            module.bias.requires_grad_(matches(t.name + ".bias", config.trainable_modules))
 
     decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
                     config.seed, progress=progress)

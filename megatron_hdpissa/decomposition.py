@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -40,29 +41,32 @@ def slice_factors(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, num_slices:
 
 @dataclass
 class Unit:
-    """One logical matrix to decompose: a part of a targeted layer, with its full shape."""
+    """One logical matrix to decompose (a part of a targeted layer, with its full shape), how
+    many leading components it needs, and what to do with them (`fill(u, s, v)` on every rank)."""
 
-    adapter: HDPiSSAAdapter
+    kind: str  # COLUMN or ROW
     weight: torch.Tensor  # the layer's local weight shard
     part: Part
     rows: int  # full logical m
     cols: int  # full logical n
+    components: int
+    fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
     def gather_full(self, groups: ParallelGroups) -> torch.Tensor:
         """The full logical matrix on every rank of the TP group (concatenating shards)."""
         w = self.weight.detach()
-        local = self.part.select(w) if self.adapter.kind == COLUMN else w
+        local = self.part.select(w) if self.kind == COLUMN else w
         if groups.tp_size == 1:
             return local
         local = local.contiguous()
         shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
         dist.all_gather(shards, local, group=groups.tp_group)
-        return torch.cat(shards, 0 if self.adapter.kind == COLUMN else 1)
+        return torch.cat(shards, 0 if self.kind == COLUMN else 1)
 
 
 def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, oversampling: int,
                     niter: int, seed: int, progress: bool = True) -> None:
-    """Fill every adapter's factors. Unit i is decomposed by world rank i % world_size (all
+    """Decompose every unit and call its `fill` on every rank. Unit i is decomposed by world rank i % world_size (all
     gathers first, then the SVDs in parallel, then one broadcast per unit), so a randomized
     decomposition is computed once and every rank receives identical factors."""
     distributed = dist.is_available() and dist.is_initialized()
@@ -76,14 +80,13 @@ def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, over
     results = {}
     bar = _progress(len(owned), "decomposing", enabled=progress and me == 0)
     for i, full in owned.items():
-        k = units[i].adapter.num_slices * units[i].adapter.rank
+        k = units[i].components
         results[i] = top_singular(full, k, method, oversampling, niter, seed=seed + i)
         owned[i] = None
         bar.update(1)
     bar.close()
     for i, unit in enumerate(units):
-        ad = unit.adapter
-        k = ad.num_slices * ad.rank
+        k = unit.components
         m, n = unit.rows, unit.cols
         device = unit.weight.device
         if world > 1:
@@ -97,10 +100,11 @@ def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, over
             v = buf[m * k + k:].view(n, k)
         else:
             u, s, v = results.pop(i)
-        _fill(ad, unit.part.name, u, s, v, groups)
+        unit.fill(u, s, v)
 
 
-def _fill(ad: HDPiSSAAdapter, part: str, u, s, v, groups: ParallelGroups) -> None:
+def fill_hd_pissa(ad: HDPiSSAAdapter, part: str, groups: ParallelGroups, u, s, v) -> None:
+    """Give the adapter all K slices' factors (TP-sharded) and its own local slices."""
     a_all, b_all = slice_factors(u, s, v, ad.num_slices, ad.rank)
     t, tp = groups.tp_rank, groups.tp_size
     if ad.kind == COLUMN:

@@ -1,0 +1,188 @@
+"""LoRA and PiSSA baselines on the same megatron-core parallel layers: identical adapters on every
+data-parallel rank, forward `W_res x + s B A x`, gradients averaged over DP."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapter import COLUMN
+from .apply import check_components, find_targets, freeze_base
+from .config import HDPiSSAConfig
+from .decomposition import Unit, decompose_units
+from .distributed import ParallelGroups
+
+LORA, PISSA = "lora", "pissa"
+
+
+class LowRankAdapter(nn.Module):
+    """Trainable `A_p` (r x n_local) and `B_p` (m_local x r) per part, registered as the `lora`
+    child of the base layer; the forward hook adds `s B A x` with megatron-core's TP mappings."""
+
+    def __init__(self, layer_name, kind, parts, rank, scale, in_local, rows_local, tp_group, tp_size,
+                 gather_output):
+        super().__init__()
+        self.layer_name, self.kind, self.parts = layer_name, kind, parts
+        self.rank, self.scale = rank, scale
+        self.tp_group, self.tp_size, self.gather_output = tp_group, tp_size, gather_output
+        self.a = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(rank, in_local)) for p in parts})
+        self.b = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(m, rank)) for p, m in zip(parts, rows_local)})
+        self.out_local = sum(rows_local) if parts[0].rows is not None else rows_local[0]
+
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import mappings
+
+        g = self.tp_group
+        dtype = x.dtype
+        if self.kind == COLUMN:
+            outs = []
+            for p in self.parts:
+                # dL/dh differs per TP rank (B is row-sharded): sum it over TP in backward
+                h = mappings.copy_to_tensor_model_parallel_region(x @ self.a[p.name].to(dtype).t(), group=g)
+                outs.append(h @ self.b[p.name].to(dtype).t())
+            if self.parts[0].rows is None:
+                out = outs[0]
+            else:
+                out = x.new_zeros(*x.shape[:-1], self.out_local)
+                for p, o in zip(self.parts, outs):
+                    out = out.index_add(-1, p.rows.to(x.device), o)
+            if self.gather_output and self.tp_size > 1:
+                out = mappings.gather_from_tensor_model_parallel_region(out, group=g)
+        else:
+            (p,) = self.parts
+            h = mappings.reduce_from_tensor_model_parallel_region(x @ self.a[p.name].to(dtype).t(), group=g)
+            out = h @ self.b[p.name].to(dtype).t()
+        return out * self.scale
+
+    @torch.no_grad()
+    def merged_delta(self, part) -> torch.Tensor:
+        """s B A of one part, in the local weight's row layout of that part."""
+        return (self.b[part.name] @ self.a[part.name]) * self.scale
+
+
+def _hook(module, args, kwargs, output):
+    x = args[0] if args else kwargs.get("input_", kwargs.get("input"))
+    out, bias = output if isinstance(output, tuple) else (output, None)
+    out = out + module.lora.delta_output(x)
+    return (out, bias) if isinstance(output, tuple) else out
+
+
+def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
+                  groups: Optional[ParallelGroups] = None, progress: bool = True) -> nn.Module:
+    """LoRA (Kaiming-uniform A, zero B) or PiSSA (A, B from the top-r singular components,
+    scaled so that s B A equals them, and W_res = W - s B A) on the matching parallel linears.
+    Uses the same targets, fused-layer parts and scale `s = alpha / r` as HD-PiSSA."""
+    if method not in (LORA, PISSA):
+        raise ValueError(f"--peft must be one of hd-pissa, {PISSA}, {LORA}, full; got {method!r}")
+    groups = groups or ParallelGroups.from_megatron()
+    targets = find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition)
+    freeze_base(model, config.trainable_modules)
+    units = []
+    gen = torch.Generator().manual_seed(config.seed)
+    for t in targets:
+        module = t.module
+        ad = LowRankAdapter(t.name, t.kind, t.parts, config.rank, config.scale, t.in_local, t.rows_local,
+                            groups.tp_group, groups.tp_size, bool(getattr(module, "gather_output", False)))
+        ad.to(device=module.weight.device)
+        module.add_module("lora", ad)
+        module._lora_hook = module.register_forward_hook(_hook, with_kwargs=True)
+        module.weight.requires_grad_(False)
+        for part, (m, n) in zip(t.parts, t.shapes):
+            if method == LORA:
+                # Full-size A drawn identically on every rank, then sharded like the weight.
+                a_full = torch.empty(config.rank, n)
+                nn.init.kaiming_uniform_(a_full, a=math.sqrt(5), generator=gen)
+                _load_part(ad, part.name, t.kind, groups, a_full, None)
+            else:
+                check_components(t, config.rank, "--hd-pissa-rank")
+                fill = functools.partial(_fill_pissa, ad, module.weight, part, t.kind, groups)
+                units.append(Unit(t.kind, module.weight, part, m, n, config.rank, fill))
+    if units:
+        decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
+                        config.seed, progress=progress)
+    model.hd_pissa_config = config
+    model.hd_pissa_groups = groups
+    model.peft_method = method
+    return model
+
+
+def _load_part(ad: LowRankAdapter, part: str, kind: str, groups: ParallelGroups, a_full, b_full):
+    t, tp = groups.tp_rank, groups.tp_size
+    with torch.no_grad():
+        if kind == COLUMN:
+            ad.a[part].copy_(a_full)
+            if b_full is not None:
+                m_t = b_full.shape[0] // tp
+                ad.b[part].copy_(b_full[t * m_t:(t + 1) * m_t])
+        else:
+            n_t = a_full.shape[1] // tp
+            ad.a[part].copy_(a_full[:, t * n_t:(t + 1) * n_t])
+            if b_full is not None:
+                ad.b[part].copy_(b_full)
+
+
+def _fill_pissa(ad: LowRankAdapter, weight, part, kind, groups, u, s, v):
+    sq = (s.clamp_min(0) / ad.scale).sqrt()
+    _load_part(ad, part.name, kind, groups, sq[:, None] * v.t(), u * sq[None, :])
+    with torch.no_grad():  # W_res = W - s B A on this rank's shard
+        delta = ad.merged_delta(part)
+        if part.rows is None:
+            weight.sub_(delta.to(weight.dtype))
+        else:
+            rows = part.rows.to(weight.device)
+            weight.index_copy_(0, rows, weight.index_select(0, rows) - delta.to(weight.dtype))
+
+
+def iter_lowrank(model: nn.Module):
+    for name, module in model.named_modules():
+        ad = module._modules.get("lora") if hasattr(module, "_modules") else None
+        if isinstance(ad, LowRankAdapter):
+            yield name, module, ad
+
+
+@torch.no_grad()
+def merge_lowrank(model: nn.Module) -> nn.Module:
+    """Fold s B A into each base weight and remove the adapters (for export)."""
+    for _, module, ad in list(iter_lowrank(model)):
+        w = module.weight
+        for part in ad.parts:
+            delta = ad.merged_delta(part).to(w.dtype)
+            if part.rows is None:
+                w.add_(delta)
+            else:
+                rows = part.rows.to(w.device)
+                w.index_copy_(0, rows, w.index_select(0, rows) + delta)
+        module._lora_hook.remove()
+        del module._lora_hook
+        del module._modules["lora"]
+    return model
+
+
+class DataParallelAdamW(torch.optim.AdamW):
+    """torch AdamW after averaging gradients over the data-parallel group (one flat all-reduce):
+    the optimizer for LoRA, PiSSA and full fine-tuning baselines in the same trainer."""
+
+    def __init__(self, params, groups: Optional[ParallelGroups] = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.groups = groups or ParallelGroups.from_megatron()
+        self.last_step_bytes = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        g = self.groups
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.last_step_bytes = 0
+        if g.dp_size > 1 and grads:
+            flat = torch.cat([x.reshape(-1).float() for x in grads])
+            dist.all_reduce(flat, group=g.dp_group)
+            flat.div_(g.dp_size)
+            self.last_step_bytes = flat.numel() * flat.element_size()
+            off = 0
+            for x in grads:
+                x.copy_(flat[off:off + x.numel()].view_as(x))
+                off += x.numel()
+        return super().step(closure)
