@@ -28,7 +28,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hdpissa-finetune=megatron_hdpissa.finetune:main",
+            "hdpissa-finetune=megatron_hdpissa.finetune:cli",
         ],
     },
 )

@@ -131,10 +131,13 @@ def check_components(t: Target, need: int, what: str) -> None:
 
 
 def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[ParallelGroups] = None,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, decompose: bool = True) -> nn.Module:
     """Wrap matching megatron-core Column/RowParallelLinear layers in place, freeze the base,
     decompose the full weights once (after the base checkpoint is loaded) and hand each
-    data-parallel rank (and virtual rank) its slice of the singular components."""
+    data-parallel rank (and virtual rank) its slice of the singular components.
+
+    `decompose=False` only attaches the adapters (zero factors): for resuming, where the factors
+    come from the checkpoint (then call `HDPiSSAOptimizer.refresh_gathered_factors()`)."""
     groups = groups or ParallelGroups.from_megatron()
     local_slices = config.virtual_ranks
     num_slices = groups.dp_size * local_slices
@@ -163,8 +166,9 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
         if getattr(module, "bias", None) is not None and isinstance(module.bias, torch.Tensor):
             module.bias.requires_grad_(matches(t.name + ".bias", config.trainable_modules))
 
-    decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
-                    config.seed, progress=progress)
+    if decompose:
+        decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
+                        config.seed, progress=progress)
     model.hd_pissa_config = config
     model.hd_pissa_groups = groups
     return model

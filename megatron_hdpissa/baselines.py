@@ -72,10 +72,12 @@ def _hook(module, args, kwargs, output):
 
 
 def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
-                  groups: Optional[ParallelGroups] = None, progress: bool = True) -> nn.Module:
+                  groups: Optional[ParallelGroups] = None, progress: bool = True,
+                  decompose: bool = True) -> nn.Module:
     """LoRA (Kaiming-uniform A, zero B) or PiSSA (A, B from the top-r singular components,
     scaled so that s B A equals them, and W_res = W - s B A) on the matching parallel linears.
-    Uses the same targets, fused-layer parts and scale `s = alpha / r` as HD-PiSSA."""
+    Uses the same targets, fused-layer parts and scale `s = alpha / r` as HD-PiSSA.
+    `decompose=False` (resuming) leaves W untouched; factors and W_res come from the checkpoint."""
     if method not in (LORA, PISSA):
         raise ValueError(f"--peft must be one of hd-pissa, {PISSA}, {LORA}, full; got {method!r}")
     groups = groups or ParallelGroups.from_megatron()
@@ -101,7 +103,7 @@ def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
                 check_components(t, config.rank, "--hd-pissa-rank")
                 fill = functools.partial(_fill_pissa, ad, module.weight, part, t.kind, groups)
                 units.append(Unit(t.kind, module.weight, part, m, n, config.rank, fill))
-    if units:
+    if units and decompose:
         decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
                         config.seed, progress=progress)
     model.hd_pissa_config = config
