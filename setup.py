@@ -22,7 +22,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "gguf>=0.10", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate", "matplotlib>=3.7"],
+        "material": ["gguf>=0.10", "accelerate"],
         "plots": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard"],
     },

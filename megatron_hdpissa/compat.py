@@ -1,0 +1,118 @@
+"""CPU compatibility for megatron-core: the few hard-coded CUDA calls on GPTModel's path, patched
+only when CUDA is absent, so the real GPTModel runs forward and backward on CPU with gloo."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_applied = False
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _cpu_get_rng_state(device=None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _default_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    # Same geometry as megatron-core's version: True marks positions masked out.
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    kept = torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+    return ~kept
+
+
+def _make_cpu_tracker_class(base: type) -> type:
+    class CpuRNGStatesTracker(base):
+        """megatron-core's RNG tracker with its named streams held as CPU generator states
+        (dropout on CPU draws from the CPU default generator)."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig = self.states_[orig_name]
+                torch.set_rng_state(orig)
+                self._current_state_name = orig_name
+
+    return CpuRNGStatesTracker
+
+
+def ensure_cpu_compat() -> bool:
+    """Patch megatron-core for CPU execution if CUDA is unavailable; idempotent.
+
+    Returns True when the patches are (now) active, False when CUDA is present and nothing was
+    touched. Patched: `torch.cuda.current_device` (resolves to the CPU device: it feeds
+    `device=` in RoPE `get_emb`, the attention memory buffer, TP gather buffers), the default
+    and sliding-window causal masks (hard-coded `device="cuda"`), and the RNG tracker, whose
+    streams become CPU generator states so `model_parallel_cuda_manual_seed` and
+    `get_cuda_rng_tracker().fork()` work. The tracker is re-created empty: seed it afterwards.
+    """
+    global _applied
+    if _applied:
+        return True
+    if torch.cuda.is_available():
+        return False
+
+    torch.cuda.current_device = _cpu_device
+
+    from megatron.core.transformer import utils as transformer_utils
+
+    transformer_utils.get_default_causal_mask = _default_causal_mask
+    transformer_utils.get_sliding_window_causal_mask = _sliding_window_causal_mask
+    try:  # modules that imported the mask functions by name
+        from megatron.core.fusions import fused_softmax
+
+        fused_softmax.get_default_causal_mask = _default_causal_mask
+        fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
+    except ImportError:
+        pass
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # Used by the tracker's base class and by activation recomputation (CheckpointFunction).
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    tracker_class = _make_cpu_tracker_class(mcore_random.CudaRNGStatesTracker)
+    # initialize_rng_tracker instantiates the module-level name, so later (force-)resets keep
+    # producing CPU trackers; isinstance checks against the base class still hold.
+    mcore_random.CudaRNGStatesTracker = tracker_class
+    # Drop any tracker created before the patch; the next get_cuda_rng_tracker() builds ours.
+    mcore_random._CUDA_RNG_STATE_TRACKER = None
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+    _applied = True
+    return True

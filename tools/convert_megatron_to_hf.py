@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Convert a legacy Megatron checkpoint (TP shards) back into a Hugging Face folder."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--megatron-dir", "--load", dest="megatron_dir", required=True,
+                   help="checkpoint folder holding latest_checkpointed_iteration.txt")
+    p.add_argument("--save", "--hf-dir", dest="save", required=True, help="output HF folder")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                   help="expected TP size of the checkpoint (default: whatever it holds)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast weights (default: keep the checkpoint dtype)")
+    p.add_argument("--max-shard-size-gb", type=float, default=4.0,
+                   help="split model.safetensors into files of at most this size")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from megatron_hdpissa.conversion import convert_megatron_to_hf
+
+    try:
+        out = convert_megatron_to_hf(
+            args.megatron_dir, args.save,
+            dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+            force=args.force, progress=not args.no_progress,
+            max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+            tp_size=args.tensor_model_parallel_size,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
