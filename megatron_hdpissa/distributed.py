@@ -65,7 +65,8 @@ def initialize(
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()) if world_size == 1 else "29500")
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # LOCAL_RANK modulo the visible devices: with --gpus-per-task=1 each task sees one GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(
             backend=backend,
             rank=rank,
