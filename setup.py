@@ -22,7 +22,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "gguf>=0.10", "accelerate", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "gguf>=0.10", "accelerate", "matplotlib>=3.7", "peft"],
         "material": ["gguf>=0.10", "accelerate"],
         "plots": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard"],

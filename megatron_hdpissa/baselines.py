@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapter import COLUMN
+from .adapter import COLUMN, ROW
 from .apply import check_components, find_targets, freeze_base
 from .config import HDPiSSAConfig
 from .decomposition import Unit, decompose_units
@@ -29,6 +29,7 @@ class LowRankAdapter(nn.Module):
         self.layer_name, self.kind, self.parts = layer_name, kind, parts
         self.rank, self.scale = rank, scale
         self.tp_group, self.tp_size, self.gather_output = tp_group, tp_size, gather_output
+        self.scatter_input = False  # row-parallel layer that splits its full input itself
         self.a = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(rank, in_local)) for p in parts})
         self.b = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(m, rank)) for p, m in zip(parts, rows_local)})
         self.out_local = sum(rows_local) if parts[0].rows is not None else rows_local[0]
@@ -54,6 +55,8 @@ class LowRankAdapter(nn.Module):
                 out = mappings.gather_from_tensor_model_parallel_region(out, group=g)
         else:
             (p,) = self.parts
+            if self.scatter_input and self.tp_size > 1:
+                x = mappings.scatter_to_tensor_model_parallel_region(x, group=g)
             h = mappings.reduce_from_tensor_model_parallel_region(x @ self.a[p.name].to(dtype).t(), group=g)
             out = h @ self.b[p.name].to(dtype).t()
         return out * self.scale
@@ -90,6 +93,7 @@ def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
         ad = LowRankAdapter(t.name, t.kind, t.parts, config.rank, config.scale, t.in_local, t.rows_local,
                             groups.tp_group, groups.tp_size, bool(getattr(module, "gather_output", False)))
         ad.to(device=module.weight.device)
+        ad.scatter_input = t.kind == ROW and not getattr(module, "input_is_parallel", True)
         module.add_module("lora", ad)
         module._lora_hook = module.register_forward_hook(_hook, with_kwargs=True)
         module.weight.requires_grad_(False)

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 SVD_METHODS = ("exact", "randomized")
+MASTER_WEIGHTS = ("auto", "fp32-base", "sharded-fp32", "compensated-bf16", "none")
+AGGREGATION = ("auto", "factors", "dense")
 
 
 @dataclass
@@ -29,6 +31,16 @@ class HDPiSSAConfig:
         trainable (e.g. norms); they are trained data-parallel with averaged gradients.
     consistency_check_interval: every N optimizer steps verify that all data-parallel ranks
         hold identical weights (0 disables).
+    master_weights: where the per-step update accumulates (`--hd-pissa-master-weights`):
+        "fp32-base" (the weights themselves are fp32), "sharded-fp32" (DP rank k keeps an fp32
+        master of its 1/K row block of each targeted weight, updates it, then the low-precision
+        blocks are all-gathered: ZeRO-1 memory, no lost updates), "compensated-bf16" (Kahan
+        summation with a bf16 compensation buffer), "none" (add to the weight in its own dtype:
+        loses bf16 updates; for comparison only). "auto": fp32-base for fp32 weights, else
+        sharded-fp32.
+    aggregation: "factors" (all-gather the deltas dA, dB: K r (m + n) elements per layer),
+        "dense" (all-reduce each rank's m x n update), or "auto": per layer, the smaller.
+    bucket_size: elements per communication bucket (deltas and parameter all-gathers).
     """
 
     rank: int = 16
@@ -43,6 +55,9 @@ class HDPiSSAConfig:
     trainable_modules: Sequence[str] = field(default_factory=tuple)
     consistency_check_interval: int = 0
     seed: int = 1234
+    master_weights: str = "auto"
+    aggregation: str = "auto"
+    bucket_size: int = 1 << 24
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -61,6 +76,10 @@ class HDPiSSAConfig:
             raise ValueError(f"--hd-pissa-svd must be one of {SVD_METHODS}, got {self.svd_method!r}")
         if self.virtual_ranks < 1:
             raise ValueError(f"--hd-pissa-virtual-ranks must be >= 1, got {self.virtual_ranks}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"--hd-pissa-master-weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
+        if self.aggregation not in AGGREGATION:
+            raise ValueError(f"--hd-pissa-aggregation must be one of {AGGREGATION}, got {self.aggregation!r}")
         if not self.target_modules:
             raise ValueError("--hd-pissa-target-modules is empty")
         if self.svd_oversampling < 0 or self.svd_niter < 0:

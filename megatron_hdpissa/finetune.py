@@ -55,6 +55,12 @@ def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="let the factors move (A <- A - dA) instead of resetting every step")
     g.add_argument("--hd-pissa-trainable-modules", default="",
                    help="other parameters to train data-parallel (e.g. re:.*layernorm.*)")
+    g.add_argument("--hd-pissa-master-weights", default="auto",
+                   choices=["auto", "fp32-base", "sharded-fp32", "compensated-bf16", "none"],
+                   help="where updates accumulate; auto: fp32-base for fp32 weights, sharded-fp32 with --bf16")
+    g.add_argument("--hd-pissa-aggregation", default="auto", choices=["auto", "factors", "dense"],
+                   help="per layer: all-gather the deltas (factors) or all-reduce the dense update; auto: smaller")
+    g.add_argument("--hd-pissa-bucket-size", type=int, default=1 << 24, help="elements per communication bucket")
     g.add_argument("--hd-pissa-check-interval", type=int, default=50,
                    help="verify identical weights on all DP ranks every N steps (0: never)")
     return parser
@@ -142,6 +148,8 @@ def hd_pissa_config(args) -> HDPiSSAConfig:
         virtual_ranks=args.hd_pissa_virtual_ranks, update_factors=args.hd_pissa_update_factors,
         trainable_modules=args.hd_pissa_trainable_modules,
         consistency_check_interval=args.hd_pissa_check_interval, seed=args.seed,
+        master_weights=args.hd_pissa_master_weights, aggregation=args.hd_pissa_aggregation,
+        bucket_size=args.hd_pissa_bucket_size,
     )
 
 
@@ -337,9 +345,6 @@ def main(argv=None) -> dict:
     check_vocab_fits(tokenizer, model_config.vocab_size)
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if args.bf16 and args.peft == "hd-pissa":
-        raise ValueError("--bf16 with --peft hd-pissa loses the per-step updates in bf16 weights; "
-                         "use fp32 (default) until --hd-pissa-master-weights lands")
     model = build_gpt_model(model_config, dtype=dtype, seed=args.seed)
     load_megatron_checkpoint(model, base_dir)
     model.to(device)

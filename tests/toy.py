@@ -59,7 +59,7 @@ class MegatronToy(torch.nn.Module):
     """Same block on megatron-core ColumnParallelLinear / RowParallelLinear (module names as in
     GPTModel, so fused layouts are recognised)."""
 
-    def __init__(self, weights: dict, tp_size: int):
+    def __init__(self, weights: dict, tp_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -68,7 +68,7 @@ class MegatronToy(torch.nn.Module):
         cfg = TransformerConfig(
             num_layers=1, hidden_size=H, num_attention_heads=HEADS, num_query_groups=GROUPS,
             kv_channels=HD, ffn_hidden_size=FFN, gated_linear_unit=True, add_bias_linear=False,
-            use_cpu_initialization=True, params_dtype=torch.float32,
+            use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16,
             tensor_model_parallel_size=tp_size,
         )
         init = lambda t: None  # noqa: E731 - weights are copied in below
