@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -329,6 +330,8 @@ def main(argv=None) -> dict:
     groups = distributed.initialize(args.tensor_model_parallel_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     rank0 = dist.get_rank() == 0
+    if not rank0:  # data warnings (truncation counts) once, from rank 0
+        logging.getLogger("megatron_hdpissa").setLevel(logging.ERROR)
 
     def log(msg):
         if rank0:

@@ -63,9 +63,13 @@ def _adam_deltas(params, grads, states, lr, beta1, beta2, eps, weight_decay):
     return deltas
 
 
+# newer torch deprecates all_gather_into_tensor in favour of all_gather_single (same semantics)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _flat_all_gather(flat: torch.Tensor, groups: ParallelGroups, async_op: bool):
     out = torch.empty(groups.dp_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    handle = dist.all_gather_into_tensor(out, flat, group=groups.dp_group, async_op=async_op)
+    handle = _all_gather_flat(out, flat, group=groups.dp_group, async_op=async_op)
     return out.view(groups.dp_size, -1), handle
 
 
@@ -436,7 +440,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 if g.dp_size == 1:
                     full.copy_(local)
                 else:
-                    dist.all_gather_into_tensor(full, local.detach().contiguous(), group=g.dp_group)
+                    _all_gather_flat(full, local.detach().contiguous(), group=g.dp_group)
 
     @torch.no_grad()
     def check_consistency(self) -> None:
