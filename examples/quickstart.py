@@ -10,7 +10,6 @@ redone each time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

@@ -146,7 +146,6 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
     freeze_base(model, config.trainable_modules)
     what = (f"{groups.dp_size} data-parallel ranks x {local_slices} virtual ranks x "
             f"--hd-pissa-rank {config.rank}")
-    units = []
     for t in targets:
         check_components(t, num_slices * config.rank, what)
         module = t.module
@@ -159,19 +158,30 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
         ).to(device=module.weight.device)
         adapter.scatter_input = t.kind == ROW and not getattr(module, "input_is_parallel", True)
         attach(module, adapter)
-        for part, (m, n) in zip(t.parts, t.shapes):
-            fill = functools.partial(fill_hd_pissa, adapter, part.name, groups)
-            units.append(Unit(t.kind, module.weight, part, m, n, num_slices * config.rank, fill))
         module.weight.requires_grad_(False)
         if getattr(module, "bias", None) is not None and isinstance(module.bias, torch.Tensor):
             module.bias.requires_grad_(matches(t.name + ".bias", config.trainable_modules))
-
-    if decompose:
-        decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
-                        config.seed, progress=progress)
     model.hd_pissa_config = config
     model.hd_pissa_groups = groups
+    if decompose:
+        decompose_hd_pissa(model, progress=progress)
     return model
+
+
+def decompose_hd_pissa(model: nn.Module, progress: bool = False) -> None:
+    """Fill the attached adapters' factors from the current weights (collective over all ranks):
+    what `apply_hd_pissa` does last, separate for callers that load the base afterwards."""
+    config: HDPiSSAConfig = model.hd_pissa_config
+    groups: ParallelGroups = model.hd_pissa_groups
+    adapters = {name: ad for name, _, ad in iter_adapters(model)}
+    units = []
+    for t in find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition):
+        ad = adapters[t.name]
+        for part, (m, n) in zip(t.parts, t.shapes):
+            fill = functools.partial(fill_hd_pissa, ad, part.name, groups)
+            units.append(Unit(t.kind, t.module.weight, part, m, n, ad.num_slices * ad.rank, fill))
+    decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
+                    config.seed, progress=progress)
 
 
 class active_slice:

@@ -15,15 +15,13 @@ import argparse
 import json
 import logging
 import math
-import os
+import random
 import shutil
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -327,6 +325,7 @@ def main(argv=None) -> dict:
     from . import apply_hd_pissa
 
     torch.manual_seed(args.seed)
+    random.seed(args.seed)
     groups = distributed.initialize(args.tensor_model_parallel_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     rank0 = dist.get_rank() == 0

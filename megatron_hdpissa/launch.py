@@ -564,8 +564,13 @@ def _worker_argv(args: argparse.Namespace, script: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    split = argv.index("--") if "--" in argv else len(argv)
-    own, script = argv[:split], argv[split + 1:]
+    if "--" in argv:
+        split = argv.index("--")
+        own, script = argv[:split], argv[split + 1:]
+    else:  # torchrun drops a "--" right after the module name: the script starts at -m / *.py
+        split = next((i for i, a in enumerate(argv) if a == "-m" or (a.endswith(".py") and not a.startswith("-")
+                      and (i == 0 or argv[i - 1] != "--out"))), len(argv))
+        own, script = argv[:split], argv[split:]
     parser = _parser()
     args, unknown = parser.parse_known_args(own)
     if unknown and not args.selftest:

@@ -54,9 +54,14 @@ default) each data-parallel rank stores its own, so `--load` resumes exactly. Th
 data-parallel rank it cannot resume the factors: loading it stops with a message; add
 `--no-load-optim` (or `--finetune`) to continue from the saved weights with a fresh decomposition.
 
+Megatron-LM flags HD-PiSSA needs: `--transformer-impl local` (the adapters wrap megatron-core's
+own parallel linears, not Transformer Engine's), fp32 weights (no `--bf16`/`--fp16`), and for an
+exact resume `--ckpt-format torch_dist` (the default).
+
 Not supported here (clear errors): `--bf16`/`--fp16` (per-step updates are lost in 16-bit
 weights; the method runs on fp32 weights), `--use-distributed-optimizer`, virtual pipeline
-stages, `--hd-pissa-virtual-ranks` > 1, `--peft lora|pissa` (use `megatron_hdpissa.finetune`).
+stages, `--hd-pissa-virtual-ranks` > 1, `--peft lora|pissa` (use `megatron_hdpissa.finetune`),
+Transformer Engine layers.
 `--peft full` leaves Megatron-LM untouched. Megatron's `--weight-decay` (default 0.01) applies to
 the factors' AdamW; pass `--weight-decay 0` to match `megatron_hdpissa.finetune`.
 
@@ -117,7 +122,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .adapter import COLUMN, ROW
-from .apply import apply_hd_pissa, find_targets, iter_adapters
+from .apply import apply_hd_pissa, decompose_hd_pissa, iter_adapters
 from .config import HDPiSSAConfig
 from .distributed import ParallelGroups
 from .finetune import add_hd_pissa_args, hd_pissa_config
@@ -225,17 +230,20 @@ def wrap_model_provider(model_provider: Callable, args=None) -> Callable:
     `--peft hd-pissa`, prepares it for HD-PiSSA (`prepare_hd_pissa_model`). `args` defaults to
     Megatron-LM's parsed arguments at call time."""
 
-    @functools.wraps(model_provider)  # keeps the signature get_model inspects
+    @functools.wraps(model_provider)  # same name and signature as the user's provider
     def provider(*a, **kw):
-        model = model_provider(*a, **kw)
         opts = args if args is not None else _megatron_args()
         peft = getattr(opts, "peft", "hd-pissa")
         if peft == "full":
-            return model
+            return model_provider(*a, **kw)
         if peft != "hd-pissa":
             raise NotImplementedError(f"--peft {peft} is not offered through the Megatron-LM plug-in; "
                                       "use python -m megatron_hdpissa.finetune for the baselines")
-        return prepare_hd_pissa_model(model, hd_pissa_config(opts))
+        impl = getattr(opts, "transformer_impl", "local")
+        if impl != "local":
+            raise ValueError(f"--transformer-impl {impl}: the HD-PiSSA adapters wrap megatron-core's own "
+                             "ColumnParallelLinear/RowParallelLinear layers; add --transformer-impl local")
+        return prepare_hd_pissa_model(model_provider(*a, **kw), hd_pissa_config(opts))
 
     return provider
 
@@ -248,24 +256,6 @@ def _first_forward(module, inputs):
             "not run. Call megatron_lm.use_hd_pissa_optimizer() before pretrain() (and keep "
             "--optimizer adam), or get_hd_pissa_optimizer(model, args) in a custom loop")
     hd_pissa_after_load(module)
-
-
-def _decompose_attached(model: nn.Module, progress: bool) -> None:
-    """Fill the attached adapters from the current weights, as `apply_hd_pissa(decompose=True)`
-    would have (same units in the same order, so randomized SVD draws the same sketches)."""
-    from .decomposition import Unit, decompose_units, fill_hd_pissa
-
-    cfg: HDPiSSAConfig = model.hd_pissa_config
-    groups: ParallelGroups = model.hd_pissa_groups
-    adapters = {name: ad for name, _, ad in iter_adapters(model)}
-    units = []
-    for t in find_targets(model, cfg.target_modules, groups.tp_size, cfg.fused_decomposition):
-        ad = adapters[t.name]
-        for part, (m, n) in zip(t.parts, t.shapes):
-            fill = functools.partial(fill_hd_pissa, ad, part.name, groups)
-            units.append(Unit(t.kind, t.module.weight, part, m, n, ad.num_slices * cfg.rank, fill))
-    decompose_units(units, groups, cfg.svd_method, cfg.svd_oversampling, cfg.svd_niter, cfg.seed,
-                    progress=progress)
 
 
 def hd_pissa_after_load(model, progress: bool = False) -> bool:
@@ -284,7 +274,7 @@ def hd_pissa_after_load(model, progress: bool = False) -> bool:
             state["hook"].remove()
             state["hook"] = None
         if state["state"] == ATTACHED:
-            _decompose_attached(inner, progress)
+            decompose_hd_pissa(inner, progress)
             state["state"] = DECOMPOSED
             done = True
     return done

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megatron_hdpissa import HDPiSSAConfig
 from megatron_hdpissa import layout
