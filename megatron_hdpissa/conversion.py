@@ -33,6 +33,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _DEFAULT_SHARD_BYTES = 4 * 1024**3
+# --dtype spellings the conversion CLIs accept
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 # ---- megatron-core parameter names ------------------------------------------------------------

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # conversion.DTYPE_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,14 +24,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.conversion import DTYPE_NAMES, convert_hf_to_megatron
 
     try:
         out = convert_hf_to_megatron(
             args.hf_dir, args.save, args.tensor_model_parallel_size,
-            dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+            dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
             iteration=args.iteration, force=args.force, progress=not args.no_progress,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # conversion.DTYPE_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,14 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from megatron_hdpissa.conversion import convert_megatron_to_hf
+    from megatron_hdpissa.conversion import DTYPE_NAMES, convert_megatron_to_hf
 
     try:
         out = convert_megatron_to_hf(
             args.megatron_dir, args.save,
-            dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None,
+            dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
             force=args.force, progress=not args.no_progress,
             max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
             tp_size=args.tensor_model_parallel_size,
