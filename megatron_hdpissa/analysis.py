@@ -291,6 +291,7 @@ def summarise(results: dict[str, list[MatrixResult]], threshold: float, base_pat
         summary["checkpoints"][name] = {
             "source": sources.get(name, ""),
             "aggregate": _stats(m.effective_rank for m in mats),
+            "relative_change": _stats(m.relative_change for m in mats),
             "by_projection": by_proj,
             "noise_limited_matrices": [m.name for m in mats if m.noise_limited],
             "matrices": [m.to_dict() for m in mats],

@@ -34,32 +34,37 @@ class LowRankAdapter(nn.Module):
         self.b = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(m, rank)) for p, m in zip(parts, rows_local)})
         self.out_local = sum(rows_local) if parts[0].rows is not None else rows_local[0]
 
-    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+    def thin_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, B) with `s B A x = h @ B^T`: h = s x A^T (tokens x P r, TP-reduced as the layout
+        needs) and B the parts' factors placed in their local output rows (m_local x P r), so the
+        adapter adds one thin GEMM and no full-size temporaries."""
         from megatron.core.tensor_parallel import mappings
 
-        g = self.tp_group
-        dtype = x.dtype
+        g, dtype = self.tp_group, x.dtype
         if self.kind == COLUMN:
-            outs = []
-            for p in self.parts:
-                # dL/dh differs per TP rank (B is row-sharded): sum it over TP in backward
-                h = mappings.copy_to_tensor_model_parallel_region(x @ self.a[p.name].to(dtype).t(), group=g)
-                outs.append(h @ self.b[p.name].to(dtype).t())
+            a_cat = torch.cat([self.a[p.name] for p in self.parts], 0).to(dtype)
+            # dL/dh differs per TP rank (B is row-sharded): sum it over TP in backward
+            h = mappings.copy_to_tensor_model_parallel_region((x @ a_cat.t()) * self.scale, group=g)
             if self.parts[0].rows is None:
-                out = outs[0]
-            else:
-                out = x.new_zeros(*x.shape[:-1], self.out_local)
-                for p, o in zip(self.parts, outs):
-                    out = out.index_add(-1, p.rows.to(x.device), o)
-            if self.gather_output and self.tp_size > 1:
-                out = mappings.gather_from_tensor_model_parallel_region(out, group=g)
-        else:
-            (p,) = self.parts
-            if self.scatter_input and self.tp_size > 1:
-                x = mappings.scatter_to_tensor_model_parallel_region(x, group=g)
-            h = mappings.reduce_from_tensor_model_parallel_region(x @ self.a[p.name].to(dtype).t(), group=g)
-            out = h @ self.b[p.name].to(dtype).t()
-        return out * self.scale
+                return h, self.b[self.parts[0].name].to(dtype)
+            placed = [torch.zeros(self.out_local, self.rank, dtype=dtype, device=x.device)
+                      .index_copy(0, p.rows.to(x.device), self.b[p.name].to(dtype)) for p in self.parts]
+            return h, torch.cat(placed, 1)
+        (p,) = self.parts
+        if self.scatter_input and self.tp_size > 1:
+            x = mappings.scatter_to_tensor_model_parallel_region(x, group=g)
+        h = mappings.reduce_from_tensor_model_parallel_region((x @ self.a[p.name].to(dtype).t()) * self.scale, group=g)
+        return h, self.b[p.name].to(dtype)
+
+    def add_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + s B A x, as one addmm on the thin factors."""
+        from megatron.core.tensor_parallel import mappings
+
+        h, b = self.thin_factors(x)
+        if self.kind == COLUMN and self.gather_output and self.tp_size > 1:
+            delta = mappings.gather_from_tensor_model_parallel_region(h @ b.t(), group=self.tp_group)
+            return out + delta
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t()).view_as(out)
 
     @torch.no_grad()
     def merged_delta(self, part) -> torch.Tensor:
@@ -70,7 +75,7 @@ class LowRankAdapter(nn.Module):
 def _hook(module, args, kwargs, output):
     x = args[0] if args else kwargs.get("input_", kwargs.get("input"))
     out, bias = output if isinstance(output, tuple) else (output, None)
-    out = out + module.lora.delta_output(x)
+    out = module.lora.add_to_output(out, x)
     return (out, bias) if isinstance(output, tuple) else out
 
 

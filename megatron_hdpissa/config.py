@@ -23,7 +23,9 @@ class HDPiSSAConfig:
     fused_decomposition: decompose fused `linear_qkv` / `linear_fc1` as one matrix instead of
         per logical projection (q, k, v / gate, up), which is the published method's default.
     svd_method: "exact" (`torch.linalg.svd`) or "randomized" (`torch.svd_lowrank` with
-        `q = K*r + svd_oversampling` and `svd_niter` power iterations).
+        `q = K*r + svd_oversampling` and `svd_niter` power iterations). The default oversampling
+        is K*r (q = 2Kr: a smaller sketch misses much of the top-Kr subspace, see
+        benchmarks/RESULTS.md); matrices where q exceeds half the smaller side use the exact SVD.
     virtual_ranks: slices held by each process; the method sees `K = dp_size * virtual_ranks`
         slices. Each local slice must be fed its own micro-batches (see `active_slice`).
     update_factors: let the factors move (`A <- A - dA`) instead of resetting every step.
@@ -48,7 +50,7 @@ class HDPiSSAConfig:
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
     fused_decomposition: bool = False
     svd_method: str = "exact"
-    svd_oversampling: int = 16
+    svd_oversampling: Optional[int] = None
     svd_niter: int = 4
     virtual_ranks: int = 1
     update_factors: bool = False
@@ -82,7 +84,7 @@ class HDPiSSAConfig:
             raise ValueError(f"--hd-pissa-aggregation must be one of {AGGREGATION}, got {self.aggregation!r}")
         if not self.target_modules:
             raise ValueError("--hd-pissa-target-modules is empty")
-        if self.svd_oversampling < 0 or self.svd_niter < 0:
+        if (self.svd_oversampling is not None and self.svd_oversampling < 0) or self.svd_niter < 0:
             raise ValueError("--hd-pissa-svd-oversampling and --hd-pissa-svd-niter must be >= 0")
 
     @property

@@ -13,15 +13,20 @@ from .distributed import ParallelGroups
 from .layout import Part
 
 
-def top_singular(w: torch.Tensor, k: int, method: str = "exact", oversampling: int = 16,
+def top_singular(w: torch.Tensor, k: int, method: str = "exact", oversampling: int | None = None,
                  niter: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k singular triplets (U: m x k, S: k, V: n x k) of `w`, computed in fp32, descending."""
+    """Top-k singular triplets (U: m x k, S: k, V: n x k) of `w`, computed in fp32, descending.
+    Randomized: sketch size q = k + oversampling (default 2k); when q is more than half the
+    smaller side the exact SVD is as cheap and exact, so it is used instead."""
     w = w.float()
+    q = k + (k if oversampling is None else oversampling)
+    if method == "randomized" and 2 * q > min(w.shape):
+        method = "exact"
     if method == "exact":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].t().contiguous()
     if method == "randomized":
-        q = min(k + oversampling, min(w.shape))
+        q = min(q, min(w.shape))
         devices = [w.device] if w.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)

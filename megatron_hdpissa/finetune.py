@@ -44,7 +44,8 @@ def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--hd-pissa-target-modules", default=",".join(DEFAULT_TARGET_MODULES),
                    help="comma-separated module-name suffixes, or re:<regex>")
     g.add_argument("--hd-pissa-svd", choices=SVD_METHODS, default="exact")
-    g.add_argument("--hd-pissa-svd-oversampling", type=int, default=16)
+    g.add_argument("--hd-pissa-svd-oversampling", type=int, default=None,
+                   help="randomized SVD: extra sketch columns (default K*r, i.e. q = 2Kr)")
     g.add_argument("--hd-pissa-svd-niter", type=int, default=4, help="randomized SVD power iterations")
     g.add_argument("--hd-pissa-fused-decomposition", action="store_true",
                    help="decompose fused linear_qkv / linear_fc1 as one matrix each")
