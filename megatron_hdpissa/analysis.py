@@ -225,10 +225,15 @@ class MatrixResult:
     noise_limited: bool  # threshold * sigma_max is within 10x of the storage rounding floor
 
     def to_dict(self) -> dict:
-        s = self.sigma
+        s, k = self.sigma, self.effective_rank
+        top = float(s[0]) if s.numel() else 0.0
         return {"name": self.name, "layer": self.layer, "projection": self.projection,
-                "shape": list(self.shape), "effective_rank": self.effective_rank,
-                "max_rank": min(self.shape), "sigma_max": float(s[0]) if s.numel() else 0.0,
+                "shape": list(self.shape), "effective_rank": k,
+                "max_rank": min(self.shape), "sigma_max": top,
+                # how far the count is from the threshold: the last value counted and the first
+                # value not counted, relative to sigma_max
+                "smallest_counted": float(s[k - 1]) / top if k else None,
+                "largest_not_counted": float(s[k]) / top if top and k < s.numel() else None,
                 "frobenius": float(s.pow(2).sum().sqrt()), "relative_change": self.relative_change,
                 "noise_limited": self.noise_limited}
 
@@ -275,6 +280,15 @@ def _stats(values: Iterable[float]) -> dict:
             "max": max(values), "count": len(values)}
 
 
+def _margin(mats: list[dict]) -> dict:
+    """The smallest counted and the largest uncounted sigma_i / sigma_max over all matrices: the
+    counts do not change for any threshold between the two."""
+    counted = [m["smallest_counted"] for m in mats if m["smallest_counted"] is not None]
+    rest = [m["largest_not_counted"] for m in mats if m["largest_not_counted"] is not None]
+    return {"min_smallest_counted": min(counted) if counted else None,
+            "max_largest_not_counted": max(rest) if rest else None}
+
+
 def summarise(results: dict[str, list[MatrixResult]], threshold: float, base_path: str,
               sources: dict[str, str], reference: Optional[str] = None) -> dict:
     """The JSON summary: per matrix, per projection type and aggregate effective ranks per
@@ -292,6 +306,7 @@ def summarise(results: dict[str, list[MatrixResult]], threshold: float, base_pat
             "source": sources.get(name, ""),
             "aggregate": _stats(m.effective_rank for m in mats),
             "relative_change": _stats(m.relative_change for m in mats),
+            "threshold_margin": _margin([m.to_dict() for m in mats]),
             "by_projection": by_proj,
             "noise_limited_matrices": [m.name for m in mats if m.noise_limited],
             "matrices": [m.to_dict() for m in mats],
