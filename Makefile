@@ -35,6 +35,10 @@ quickstart: venv
 bench: venv
 	$(PY) benchmarks/bench_step.py
 
+# HD-PiSSA vs PiSSA vs LoRA on truncated SmolLM2 / GSM8K (about an hour on 2 CPU cores)
+study: venv
+	$(PY) benchmarks/study.py --publish benchmarks/study
+
 # Installs SLURM (Debian packages), starts a one-node cluster, runs the sbatch example; needs root.
 slurm-test: venv
 	tools/slurm_local_test.sh --python $(PY)

@@ -322,6 +322,9 @@ def write_markdown(study: dict, path: Path) -> None:
               f"with other jobs (load average {study['load_before']} before, {study['load_after']} after); "
               f"see benchmarks/bench_step.py for step times.", "",
               "Command:", "", "```", study["command"], "```", ""]
+    if a["reuse"]:
+        lines += ["With `--reuse` the finished runs in the output folder were kept (their fine-tune commands "
+                  "are in `study.json`, `runs.<method>.command`) and this report was recomputed from them.", ""]
     path.write_text("\n".join(lines))
 
 

@@ -429,10 +429,11 @@ def main(argv=None) -> dict:
 
     # Train.
     results = {"iterations": train_iters, "start": start}
+    logger = Logger(args, train_iters, start)
     if valid_ds is not None:
         results["valid_loss_before"] = evaluate(model, valid_ds, args, groups, device)
-        log(f"held-out loss at iteration {start}: {results['valid_loss_before']:.4f}")
-    logger = Logger(args, train_iters, start)
+        logger.scalars(start, valid_loss=results["valid_loss_before"])
+        logger.print(f"held-out loss at iteration {start}: {results['valid_loss_before']:.4f}")
     stop = StopSignal()
     model.train()
     tokens_per_step = global_batch * args.seq_length
@@ -495,13 +496,14 @@ def main(argv=None) -> dict:
                     save(it)
                 results["exited_at"] = it
                 return results
+        if valid_ds is not None:
+            results["valid_loss_after"] = evaluate(model, valid_ds, args, groups, device)
+            logger.scalars(it, valid_loss=results["valid_loss_after"])
+            logger.print(f"held-out loss at iteration {it}: {results['valid_loss_after']:.4f} "
+                         f"(before: {results['valid_loss_before']:.4f})")
     finally:
         logger.close()
 
-    if valid_ds is not None:
-        results["valid_loss_after"] = evaluate(model, valid_ds, args, groups, device)
-        log(f"held-out loss at iteration {it}: {results['valid_loss_after']:.4f} "
-            f"(before: {results['valid_loss_before']:.4f})")
     if args.save:
         save(it)
     if args.export_hf:
