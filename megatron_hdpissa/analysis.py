@@ -406,6 +406,12 @@ def plot_spectra(results: dict[str, list[MatrixResult]], threshold: float, path,
         ax.set_xlabel("index i", fontsize=8)
     fig.suptitle((title + "\n" if title else "") + f"spectra of W_T - W_0; dashed: threshold {threshold:g} "
                  "(effective rank = values above it)", fontsize=9)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -480,9 +486,4 @@ def plot_learning_curves(runs: dict[str, dict], path, title: str = "", smooth: i
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
