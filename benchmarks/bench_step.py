@@ -391,6 +391,7 @@ def run_worker(args) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cuda = device.type == "cuda"
     if cuda:
+        device = torch.device("cuda", device.index or 0)  # "cuda" alone has no index to set
         torch.cuda.set_device(device)
     distributed.initialize(tensor_model_parallel_size=1, backend="nccl" if cuda else "gloo")
 

@@ -33,6 +33,9 @@ class LowRankAdapter(nn.Module):
         self.a = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(rank, in_local)) for p in parts})
         self.b = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(m, rank)) for p, m in zip(parts, rows_local)})
         self.out_local = sum(rows_local) if parts[0].rows is not None else rows_local[0]
+        for p in parts:  # TP shards (for gradient-norm clipping): column-parallel B, row-parallel A
+            self.b[p.name].tensor_model_parallel = kind == COLUMN and tp_size > 1
+            self.a[p.name].tensor_model_parallel = kind != COLUMN and tp_size > 1
 
     def thin_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, B) with `s B A x = h @ B^T`: h = s x A^T (tokens x P r, TP-reduced as the layout
@@ -174,18 +177,23 @@ def merge_lowrank(model: nn.Module) -> nn.Module:
 
 
 class DataParallelAdamW(torch.optim.AdamW):
-    """torch AdamW after averaging gradients over the data-parallel group (one flat all-reduce):
-    the optimizer for LoRA, PiSSA and full fine-tuning baselines in the same trainer."""
+    """torch AdamW after averaging gradients over the data-parallel group (one flat all-reduce)
+    and, with `clip_grad` > 0, clipping their global L2 norm (TP shards summed over TP, tensors
+    replicated over TP counted once): the optimizer for LoRA, PiSSA and full fine-tuning
+    baselines in the same trainer."""
 
-    def __init__(self, params, groups: Optional[ParallelGroups] = None, **kwargs):
+    def __init__(self, params, groups: Optional[ParallelGroups] = None, clip_grad: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
         self.groups = groups or ParallelGroups.from_megatron()
+        self.clip_grad = float(clip_grad)
         self.last_step_bytes = 0
+        self.last_grad_norm: Optional[float] = None
 
     @torch.no_grad()
     def step(self, closure=None):
         g = self.groups
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         self.last_step_bytes = 0
         if g.dp_size > 1 and grads:
             flat = torch.cat([x.reshape(-1).float() for x in grads])
@@ -196,4 +204,15 @@ class DataParallelAdamW(torch.optim.AdamW):
             for x in grads:
                 x.copy_(flat[off:off + x.numel()].view_as(x))
                 off += x.numel()
+        if self.clip_grad > 0 and grads:
+            sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device)  # [TP shards, replicated]
+            for p, x in zip(params, grads):
+                sq[0 if getattr(p, "tensor_model_parallel", False) else 1] += x.double().pow(2).sum()
+            if g.tp_size > 1:
+                dist.all_reduce(sq[:1], group=g.tp_group)
+            self.last_grad_norm = float(sq.sum().sqrt())
+            coef = self.clip_grad / (self.last_grad_norm + 1e-6)
+            if coef < 1.0:
+                for x in grads:
+                    x.mul_(coef)
         return super().step(closure)

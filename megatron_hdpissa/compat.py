@@ -3,6 +3,7 @@ only when CUDA is absent, so the real GPTModel runs forward and backward on CPU 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -71,6 +72,70 @@ def _make_cpu_tracker_class(base: type) -> type:
     return CpuRNGStatesTracker
 
 
+class _NullStream:
+    """What `torch.cuda.current_stream()` returns on CPU: megatron-core >= 0.19's DDP gradient
+    sync orders its collectives against the current stream; on CPU there is only one stream."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _null_stream(device=None) -> _NullStream:
+    return _NullStream()
+
+
+def _on_cpu(device):
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(fn):
+    def wrapped(*args, device=None, **kwargs):
+        if device is not None:
+            kwargs["device"] = _on_cpu(device)
+        return fn(*args, **kwargs)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+class _CpuTorch(types.ModuleType):
+    """Stands in for `torch` inside megatron-core's optimizer modules, which create their small
+    bookkeeping tensors (found_inf, loss scale, norm buffers) with a literal `device='cuda'`:
+    the tensor factories map that to the CPU, everything else is torch itself."""
+
+    _factories = ("tensor", "zeros", "ones", "empty", "full")
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in self._factories:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _patch_optimizer_modules() -> None:
+    import importlib
+
+    proxy = _CpuTorch()
+    for name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+                 "megatron.core.optimizer.grad_scaler", "megatron.core.utils"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - layout of another megatron-core release
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+
+
 def ensure_cpu_compat() -> bool:
     """Patch megatron-core for CPU execution if CUDA is unavailable; idempotent.
 
@@ -80,6 +145,10 @@ def ensure_cpu_compat() -> bool:
     and sliding-window causal masks (hard-coded `device="cuda"`), and the RNG tracker, whose
     streams become CPU generator states so `model_parallel_cuda_manual_seed` and
     `get_cuda_rng_tracker().fork()` work. The tracker is re-created empty: seed it afterwards.
+    megatron-core's optimizer modules (`get_megatron_optimizer`'s fp32 path, gradient
+    clipping, the loss scalers) get a `torch` whose tensor factories map `device='cuda'` to the
+    CPU; megatron-core's `DistributedDataParallel` needs `torch.cuda.current_device` and (from
+    0.19) a `torch.cuda.current_stream` whose waits do nothing.
     """
     global _applied
     if _applied:
@@ -88,6 +157,7 @@ def ensure_cpu_compat() -> bool:
         return False
 
     torch.cuda.current_device = _cpu_device
+    torch.cuda.current_stream = _null_stream
 
     from megatron.core.transformer import utils as transformer_utils
 
@@ -114,5 +184,6 @@ def ensure_cpu_compat() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER = None
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
+    _patch_optimizer_modules()
     _applied = True
     return True

@@ -63,6 +63,13 @@ def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--hd-pissa-bucket-size", type=int, default=1 << 24, help="elements per communication bucket")
     g.add_argument("--hd-pissa-check-interval", type=int, default=50,
                    help="verify identical weights on all DP ranks every N steps (0: never)")
+    g.add_argument("--hd-pissa-ddp", choices=["megatron", "builtin"], default="megatron",
+                   help="gradient reduction: megatron-core's DistributedDataParallel (factors kept "
+                        "out of the DP all-reduce) or the optimizer's own all-reduce")
+    g.add_argument("--hd-pissa-others-optimizer", choices=["auto", "megatron", "builtin"], default="auto",
+                   help="optimizer of ordinary trainable parameters (--hd-pissa-trainable-modules) under "
+                        "megatron DDP: megatron-core's get_megatron_optimizer, or the built-in AdamW; "
+                        "auto: megatron-core's where it can run (CUDA, or fp32 parameters)")
     return parser
 
 
@@ -109,6 +116,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient L2 norm (all ranks' HD-PiSSA factors and the "
+                        "averaged other parameters) to this; 0 disables")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="megatron DDP: all-reduce gradient buckets during the backward pass")
+    g = parser.add_argument_group("mixed precision (--fp16 loss scaling, Megatron-LM's flags)")
+    g.add_argument("--loss-scale", type=float, default=None, help="constant loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g = parser.add_argument_group("optimization (continued)")
     g.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",
                    help="a NaN/inf loss on any rank: stop (default, after saving nothing) or skip the step on all ranks")
     g = parser.add_argument_group("logging")
@@ -127,8 +146,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_training_args(parser)
     add_hd_pissa_args(parser)
     args = parser.parse_args(argv)
-    if args.fp16:
-        parser.error("--fp16 is not supported; use --bf16 (or fp32, the default)")
+    if args.fp16 and args.bf16:
+        parser.error("give at most one of --fp16 and --bf16")
+    if args.fp16 and args.peft != "hd-pissa":
+        parser.error(f"--fp16 (loss scaling) is implemented for --peft hd-pissa only; use --bf16 with --peft {args.peft}")
+    if args.clip_grad < 0:
+        parser.error(f"--clip-grad must be >= 0 (0 disables clipping), got {args.clip_grad}")
     if args.pipeline_model_parallel_size != 1:
         parser.error("--pipeline-model-parallel-size must be 1")
     if (args.train_iters is None) == (args.epochs is None):
@@ -151,6 +174,22 @@ def hd_pissa_config(args) -> HDPiSSAConfig:
         master_weights=args.hd_pissa_master_weights, aggregation=args.hd_pissa_aggregation,
         bucket_size=args.hd_pissa_bucket_size,
     )
+
+
+def grad_scaler(args):
+    """megatron-core's loss scaler for --fp16 (constant with --loss-scale, else dynamic)."""
+    if not args.fp16:
+        return None
+    from .compat import ensure_cpu_compat
+
+    ensure_cpu_compat()  # its scale tensors are created on 'cuda' literally
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+    if args.loss_scale:
+        return ConstantGradScaler(args.loss_scale)
+    return DynamicGradScaler(initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
+                             growth_factor=2.0, backoff_factor=0.5, growth_interval=args.loss_scale_window,
+                             hysteresis=args.hysteresis)
 
 
 # ---- learning-rate schedule ------------------------------------------------------------------
@@ -347,7 +386,7 @@ def main(argv=None) -> dict:
     tokenizer = build_tokenizer(args.tokenizer_type, tokenizer_path)
     check_vocab_fits(tokenizer, model_config.vocab_size)
 
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model = build_gpt_model(model_config, dtype=dtype, seed=args.seed)
     load_megatron_checkpoint(model, base_dir)
     model.to(device)
@@ -360,16 +399,25 @@ def main(argv=None) -> dict:
     t0 = time.time()
     adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                 weight_decay=args.weight_decay)
+    train_model = model  # what the micro-batches run through (megatron DDP wraps it)
     if args.peft == "hd-pissa":
         apply_hd_pissa(model, cfg, groups, progress=rank0 and not args.no_progress, decompose=not resume)
-        optimizer = HDPiSSAOptimizer(model, groups=groups, **adam)
+        if args.hd_pissa_ddp == "megatron":
+            from .ddp import wrap_ddp
+
+            train_model = wrap_ddp(model, overlap_grad_reduce=args.overlap_grad_reduce)
+        optimizer = HDPiSSAOptimizer(train_model, groups=groups, clip_grad=args.clip_grad,
+                                     grad_scaler=grad_scaler(args), others_optimizer=(
+                                         args.hd_pissa_others_optimizer if args.hd_pissa_ddp == "megatron"
+                                         else "builtin"), **adam)
     elif args.peft in ("lora", "pissa"):
         apply_lowrank(model, cfg, args.peft, groups, progress=rank0 and not args.no_progress, decompose=not resume)
-        optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=groups, **adam)
+        optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=groups,
+                                      clip_grad=args.clip_grad, **adam)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-        optimizer = DataParallelAdamW(list(model.parameters()), groups=groups, **adam)
+        optimizer = DataParallelAdamW(list(model.parameters()), groups=groups, clip_grad=args.clip_grad, **adam)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"--peft {args.peft}: {trainable / 1e6:.3f}M trainable parameters per rank, "
         f"set-up {time.time() - t0:.1f}s" + (f", K = {groups.dp_size * cfg.virtual_ranks} slices of rank "
@@ -428,7 +476,8 @@ def main(argv=None) -> dict:
         log(f"saved checkpoint {path}")
 
     # Train.
-    results = {"iterations": train_iters, "start": start}
+    results = {"iterations": train_iters, "start": start,
+               "others_optimizer": type(getattr(optimizer, "others_optimizer", None)).__name__}
     logger = Logger(args, train_iters, start)
     if valid_ds is not None:
         results["valid_loss_before"] = evaluate(model, valid_ds, args, groups, device)
@@ -445,14 +494,22 @@ def main(argv=None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros(2, dtype=torch.float64)
+            ddp = train_model if train_model is not model else None
+            scale_loss = getattr(optimizer, "scale_loss", lambda x: x)
             for v in range(slices):
                 ctx = active_slice(model, v) if args.peft == "hd-pissa" else _null()
                 with ctx:
-                    for _ in range(micro_per_slice):
-                        loss_sum, count = micro_batch_loss(model, next(iterators[v]), device)
-                        loss = loss_sum / count.clamp(min=1)
-                        (loss / micro_per_slice).backward()
+                    for i in range(micro_per_slice):
+                        last = v == slices - 1 and i == micro_per_slice - 1
+                        # megatron DDP: reduce gradients only after the step's last micro-batch
+                        sync = ddp.no_sync() if ddp is not None and not last else _null()
+                        with sync:
+                            loss_sum, count = micro_batch_loss(train_model, next(iterators[v]), device)
+                            loss = loss_sum / count.clamp(min=1)
+                            scale_loss(loss / micro_per_slice).backward()
                         step_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+            if ddp is not None:
+                ddp.finish_grad_sync()
             finite = torch.tensor([1.0 if math.isfinite(step_loss[0].item()) else 0.0])
             _all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() == 0:
@@ -474,9 +531,21 @@ def main(argv=None) -> dict:
                 now = time.time()
                 tps = tokens_per_step * args.log_interval / max(now - last_log, 1e-9)
                 last_log = now
-                logger.scalars(it, loss=train_loss, lr=lr, tokens_per_s=tps)
+                extra, text = {}, ""
+                if getattr(optimizer, "last_grad_norm", None) is not None:
+                    extra["grad_norm"] = optimizer.last_grad_norm
+                    text += f" | grad norm {optimizer.last_grad_norm:.3f}"
+                sent = getattr(optimizer, "last_step_bytes", None)
+                if isinstance(sent, dict):  # HD-PiSSA aggregation: bytes this rank sent this step
+                    extra["comm_bytes"] = int(sum(sent.values()))
+                    text += f" | sent {extra['comm_bytes'] / 2 ** 20:.2f} MiB"
+                if getattr(optimizer, "grad_scaler", None) is not None:
+                    extra["loss_scale"] = float(optimizer.grad_scaler.scale)
+                    extra["skipped_steps"] = optimizer.skipped_steps
+                    text += f" | loss scale {extra['loss_scale']:.0f} | skipped {optimizer.skipped_steps}"
+                logger.scalars(it, loss=train_loss, lr=lr, tokens_per_s=tps, **extra)
                 logger.print(f"iteration {it:6d}/{train_iters} | loss {train_loss:.4f} | lr {lr:.3e} | "
-                             f"{tps:,.0f} tokens/s")
+                             f"{tps:,.0f} tokens/s" + text)
             logger.step({"loss": f"{train_loss:.3f}"})
             if valid_ds is not None and args.eval_interval and it % args.eval_interval == 0 and it < train_iters:
                 vl = evaluate(model, valid_ds, args, groups, device)
@@ -496,6 +565,8 @@ def main(argv=None) -> dict:
                     save(it)
                 results["exited_at"] = it
                 return results
+        if hasattr(optimizer, "finish_param_gather"):  # sharded masters: the last step's gather
+            optimizer.finish_param_gather()
         if valid_ds is not None:
             results["valid_loss_after"] = evaluate(model, valid_ds, args, groups, device)
             logger.scalars(it, valid_loss=results["valid_loss_after"])

@@ -41,8 +41,8 @@ checks that DDP did not take them (no `main_grad`).
 
 What Megatron-LM gets from the optimizer hook (`MegatronHDPiSSAOptimizer`): `step()` returns
 `(update_successful, grad_norm, num_zeros_in_grad)`; a non-finite gradient on any rank skips the
-step on all ranks. `grad_norm` is this rank's factor-gradient norm; `--clip-grad` is not applied
-(the published method has no clipping). `zero_grad`, `param_groups` (for the LR scheduler),
+step on all ranks. `grad_norm` is the global norm over every data-parallel rank's factors (and
+any other trainable parameters), which `--clip-grad` clips, one coefficient on every rank. `zero_grad`, `param_groups` (for the LR scheduler),
 `scale_loss`/`get_loss_scale` (fp32: scale 1), `reload_model_params` (nothing to refresh: no
 fp32 copies are kept), `state_dict`/`load_state_dict` and `sharded_state_dict` (`torch_dist`).
 
@@ -114,14 +114,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .adapter import COLUMN, ROW
 from .apply import apply_hd_pissa, decompose_hd_pissa, iter_adapters
 from .config import HDPiSSAConfig
 from .distributed import ParallelGroups
@@ -290,25 +287,17 @@ class MegatronHDPiSSAOptimizer:
 
     is_stub_optimizer = False
 
-    def __init__(self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float):
+    def __init__(self, model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                 clip_grad: float = 0.0):
         from .optimizer import HDPiSSAOptimizer
 
         self.model = model
         self.groups: ParallelGroups = model.hd_pissa_groups
         self.optimizer = HDPiSSAOptimizer(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                          groups=self.groups)
+                                          groups=self.groups, clip_grad=clip_grad)
+        self.optimizer.track_grad_norm = True  # Megatron-LM logs the gradient norm
         for group in self.optimizer.param_groups:
             group["default_config"] = True  # Megatron logs the lr of such a group
-        # Which gradients are TP shards (summed over TP in the norm) and which are TP replicas:
-        # column-parallel B and row-parallel A are sharded like W, the other factor is replicated.
-        self._sharded = {}
-        for _, _, ad in iter_adapters(model):
-            for name in ad.a.keys():
-                self._sharded[id(ad.a[name])] = ad.kind == ROW
-                self._sharded[id(ad.b[name])] = ad.kind == COLUMN
-        for p in model.parameters():
-            if p.requires_grad and id(p) not in self._sharded:
-                self._sharded[id(p)] = bool(getattr(p, "tensor_model_parallel", False))
         self._checked = False
 
     # -- what train_step calls --------------------------------------------------------------
@@ -346,33 +335,17 @@ class MegatronHDPiSSAOptimizer:
         self._checked = True
 
     @torch.no_grad()
-    def grad_norm(self) -> float:
-        """This data-parallel rank's gradient norm (TP-sharded tensors summed over TP once)."""
-        sharded = torch.zeros(1, dtype=torch.float64, device=self._device())
-        replicated = torch.zeros_like(sharded)
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    sq = p.grad.double().pow(2).sum()
-                    (sharded if self._sharded.get(id(p)) else replicated).add_(sq)
-        if self.groups.tp_size > 1:
-            dist.all_reduce(sharded, group=self.groups.tp_group)
-        return float((sharded + replicated).sqrt())
-
-    @torch.no_grad()
     def step(self):
-        """(update_successful, grad_norm, num_zeros_in_grad), as Megatron's optimizers return."""
+        """(update_successful, grad_norm, num_zeros_in_grad), as Megatron's optimizers return.
+        grad_norm is the global one (every DP rank's factors, TP shards summed once), the norm
+        --clip-grad clips; a non-finite gradient on any rank skips the step on all ranks."""
         if not self._checked:
             self._check_not_in_ddp()
-        norm = self.grad_norm()
-        finite = torch.tensor([1.0 if math.isfinite(norm) else 0.0], device=self._device())
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips, or none
-        if finite.item() == 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, norm, None
         self.optimizer.step()
-        return True, norm, None
+        if self.optimizer.last_step_skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, self.optimizer.last_grad_norm, None
+        return True, self.optimizer.last_grad_norm, None
 
     # -- checkpoints ------------------------------------------------------------------------
     def _factors(self):
@@ -458,12 +431,9 @@ def get_hd_pissa_optimizer(model_chunks, args=None) -> MegatronHDPiSSAOptimizer:
     for p in state["hidden"]:
         p.requires_grad_(True)
     opt = MegatronHDPiSSAOptimizer(model, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                   eps=args.adam_eps, weight_decay=args.weight_decay)
+                                   eps=args.adam_eps, weight_decay=args.weight_decay,
+                                   clip_grad=getattr(args, "clip_grad", 0.0) or 0.0)
     opt._check_not_in_ddp()
-    clip = getattr(args, "clip_grad", 0.0) or 0.0
-    if clip > 0 and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"HD-PiSSA: --clip-grad {clip:g} is not applied (per-rank AdamW on the factors, as published)",
-              flush=True)
     return opt
 
 

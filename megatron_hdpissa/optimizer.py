@@ -11,6 +11,7 @@ from torch import nn
 
 from .adapter import HDPiSSAAdapter
 from .apply import iter_adapters
+from .ddp import build_others_optimizer, factor_gradient_prescale, is_megatron_ddp
 from .distributed import ParallelGroups
 
 
@@ -65,6 +66,7 @@ def _adam_deltas(params, grads, states, lr, beta1, beta2, eps, weight_decay):
 
 # newer torch deprecates all_gather_into_tensor in favour of all_gather_single (same semantics)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _flat_all_gather(flat: torch.Tensor, groups: ParallelGroups, async_op: bool):
@@ -80,22 +82,41 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
 
     Per layer the update travels as the deltas `dA_k, dB_k` (bucketed all-gather over DP,
     overlapped with the update GEMMs of the previous bucket; the factors themselves were gathered
-    once at init) or, where `m n < K r (m + n)`, as a dense all-reduce of each rank's update.
+    once at init) or, where `m n < K r (m + n)`, as a dense all-reduce of each rank's update
+    (a reduce-scatter of row blocks with sharded masters).
     With bf16 weights the update accumulates in a DP-sharded fp32 master (each DP rank owns a
     row block; the low-precision blocks are all-gathered, the gather overlapped with the next
     forward as megatron-core's `overlap_param_gather` does) or in Kahan-compensated bf16.
 
     Other trainable parameters (e.g. unfrozen norms) are ordinary data parallel: gradients are
-    averaged over the DP group, then AdamW. Parameter group 0 holds the factors, group 1 (if any)
-    the other parameters, so LR schedulers work as usual.
+    averaged over the DP group, then AdamW (no weight decay on 1-D parameters, as megatron-core).
+    Parameter group 0 holds the factors, group 1 (if any) the other parameters, so LR schedulers
+    work as usual.
+
+    `model` may be wrapped in megatron-core's `DistributedDataParallel` (`ddp.wrap_ddp`): then the
+    gradients come from DDP's buffers (`main_grad`; call `ddp.finish_grad_sync()` before `step`),
+    the other parameters' averaging is DDP's, and with `others_optimizer` "auto" (on CUDA, or
+    with fp32 parameters) or "megatron" they are stepped by megatron-core's optimizer.
+
+    `clip_grad` > 0 clips the L2 norm of the gradient of the whole HD-PiSSA model (every DP
+    rank's factors plus the averaged other parameters; one coefficient on every rank).
+    `grad_scaler` (fp16; megatron-core's `DynamicGradScaler` or `ConstantGradScaler`): backward
+    on `scale_loss(loss)`; `step` unscales, and an overflow on any rank skips the step on every
+    rank (`last_step_skipped`) and backs the scale off.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, groups: Optional[ParallelGroups] = None,
                  master_weights: Optional[str] = None, aggregation: Optional[str] = None,
-                 bucket_size: Optional[int] = None):
+                 bucket_size: Optional[int] = None, clip_grad: float = 0.0, grad_scaler=None,
+                 others_optimizer: str = "auto"):
         if lr < 0:
             raise ValueError(f"--lr must be >= 0, got {lr}")
+        if clip_grad is None or clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0 (0 disables clipping), got {clip_grad}")
+        self.ddp = None
+        if is_megatron_ddp(model):  # megatron-core DDP: gradients arrive in param.main_grad
+            self.ddp, model = model, model.module
         cfg = getattr(model, "hd_pissa_config", None)
         entries = []
         for name, module, ad in iter_adapters(model):
@@ -123,6 +144,23 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self.master_mode = self._resolve_master_mode(master_weights or getattr(cfg, "master_weights", "auto"))
         self.num_steps = 0
         self.last_step_bytes = {"deltas": 0, "dense": 0, "params": 0}
+        self.clip_grad = float(clip_grad)
+        self.grad_scaler = grad_scaler
+        self.last_grad_norm: Optional[float] = None
+        self.track_grad_norm = False  # compute last_grad_norm even without clipping / loss scaling
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        # DDP pre-scales the factors' gradients by 1/dp (it assumes a DP-averaged loss): undo it
+        self._factor_grad_unscale = 1.0 / factor_gradient_prescale(self.ddp) if self.ddp is not None else 1.0
+        if others_optimizer not in ("auto", "megatron", "builtin"):
+            raise ValueError(f"others_optimizer must be auto, megatron or builtin, got {others_optimizer!r}")
+        if others_optimizer == "megatron" and self.ddp is None:
+            raise ValueError("others_optimizer='megatron' needs a model wrapped with megatron_hdpissa.ddp.wrap_ddp")
+        self.others_optimizer = None  # megatron-core's optimizer for the non-factor parameters
+        if others and self.ddp is not None and others_optimizer != "builtin":
+            self.others_optimizer = build_others_optimizer(
+                self.ddp, lr, weight_decay, betas, eps,
+                use_megatron="always" if others_optimizer == "megatron" else "auto")
         self._choose_paths()
         self._weight_position = {id(w): i for i, w in enumerate(self._weights())}
         self.masters: list[_Master] = []
@@ -198,6 +236,11 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         sd["hd_pissa_master_mode"] = self.master_mode
         sd["hd_pissa_masters"] = [m.data for m in self.masters]
         sd["hd_pissa_compensation"] = list(self.compensation)
+        sd["hd_pissa_skipped_steps"] = self.skipped_steps
+        if self.grad_scaler is not None:
+            sd["hd_pissa_grad_scaler"] = _scaler_state(self.grad_scaler)
+        if self.others_optimizer is not None:
+            sd["hd_pissa_others_optimizer"] = self.others_optimizer.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -206,6 +249,13 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         mode = state_dict.pop("hd_pissa_master_mode", self.master_mode)
         masters = state_dict.pop("hd_pissa_masters", [])
         comp = state_dict.pop("hd_pissa_compensation", [])
+        self.skipped_steps = int(state_dict.pop("hd_pissa_skipped_steps", 0))
+        scaler_state = state_dict.pop("hd_pissa_grad_scaler", None)
+        others_state = state_dict.pop("hd_pissa_others_optimizer", None)
+        if scaler_state is not None and self.grad_scaler is not None:
+            _load_scaler_state(self.grad_scaler, scaler_state)
+        if others_state is not None and self.others_optimizer is not None:
+            self.others_optimizer.load_state_dict(others_state)
         if mode != self.master_mode:
             raise ValueError(f"the checkpoint was written with --hd-pissa-master-weights {mode}, "
                              f"this run uses {self.master_mode}")
@@ -218,20 +268,128 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if self.update_factors:
             self.refresh_gathered_factors()
 
+    # -- gradients --------------------------------------------------------------------------------
+    def _grad(self, p: torch.Tensor, factor: bool) -> Optional[torch.Tensor]:
+        """The gradient the update uses: `param.grad`, or under megatron-core DDP `param.main_grad`
+        (the factors' with DDP's 1/dp pre-scaling undone). Modified in place by unscaling and
+        clipping, so megatron-core's optimizer sees the same gradients."""
+        if self.ddp is not None and getattr(p, "main_grad", None) is not None:
+            g = p.main_grad
+            if factor and self._factor_grad_unscale != 1.0:
+                g.mul_(self._factor_grad_unscale)
+            return g
+        return p.grad
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on: multiplied by the loss scale when a grad scaler is set
+        (fp16), as megatron-core's `optimizer.scale_loss`."""
+        return loss * self.grad_scaler.scale if self.grad_scaler is not None else loss
+
+    def _reduce_others(self, grads: list[torch.Tensor]) -> None:
+        """Average the ordinary parameters' gradients over DP (unless megatron-core DDP did)."""
+        g = self.groups
+        if self.ddp is not None or g.dp_size == 1 or not grads:
+            return
+        flat = torch.cat([x.reshape(-1).float() for x in grads])
+        dist.all_reduce(flat, group=g.dp_group)
+        flat.div_(g.dp_size)
+        off = 0
+        for x in grads:
+            x.copy_(flat[off:off + x.numel()].view_as(x))
+            off += x.numel()
+
+    def _found_inf(self, grads: list[torch.Tensor]) -> bool:
+        """Any non-finite gradient on ANY rank: the factors differ per DP rank, so one rank's
+        overflow must make every rank skip (the merged update needs every rank's deltas)."""
+        flag = torch.zeros(1, device=grads[0].device if grads else None)
+        for x in grads:
+            if not bool(torch.isfinite(x).all()):
+                flag.fill_(1.0)
+                break
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _grad_norm(self, factor_grads, other_params, other_grads) -> float:
+        """L2 norm of the gradient of the whole HD-PiSSA model: every DP rank's factors (each
+        rank's own) and the ordinary parameters (DP-averaged, counted once). Tensor-parallel
+        shards are summed over TP; tensors replicated over TP are counted once."""
+        g = self.groups
+        dev = factor_grads[0][1].device if factor_grads else None
+        # [factor sharded over TP, factor replicated, other sharded, other replicated]
+        sq = torch.zeros(4, dtype=torch.float64, device=dev)
+        for sharded, x in factor_grads:
+            sq[0 if sharded else 1] += x.double().pow(2).sum()
+        for p, x in zip(other_params, other_grads):
+            sharded = bool(getattr(p, "tensor_model_parallel", False))
+            sq[2 if sharded else 3] += x.double().pow(2).sum()
+        if g.tp_size > 1:
+            shard = sq[[0, 2]].clone()
+            dist.all_reduce(shard, group=g.tp_group)
+            sq[0], sq[2] = shard[0], shard[1]
+        factors = (sq[0] + sq[1]).reshape(1)
+        if g.dp_size > 1:
+            dist.all_reduce(factors, group=g.dp_group)
+        return float((factors[0] + sq[2] + sq[3]).sqrt())
+
+    def _factor_grads(self):
+        """(is sharded over TP, gradient) for each factor that received a gradient; the column-
+        parallel B and row-parallel A are TP shards, the other factor is replicated."""
+        out = []
+        for e in self.entries:
+            column = e.adapter.kind == "column"
+            for p, sharded in ((e.a, not column), (e.b, column)):
+                x = self._grad(p, factor=True)
+                if x is not None:
+                    out.append((p, sharded and e.adapter.tp_size > 1, x))
+        return out
+
     # -- step -----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        """One optimizer step: (fp16) unscale and skip on overflow anywhere, clip the global norm,
+        AdamW on the factors and the other parameters, merge the summed update into W."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.finish_param_gather()
         self.last_step_bytes = {"deltas": 0, "dense": 0, "params": 0}
+        factor_grads = self._factor_grads()
+        others = [p for gr in self.param_groups if not gr["hd_pissa"] for p in gr["params"]]
+        other_pairs = [(p, self._grad(p, factor=False)) for p in others]
+        other_pairs = [(p, x) for p, x in other_pairs if x is not None]
+        self._reduce_others([x for _, x in other_pairs])
+        all_grads = [x for _, _, x in factor_grads] + [x for _, x in other_pairs]
+        self.last_step_skipped = False
+        if self.grad_scaler is not None:
+            inv = float(self.grad_scaler.inv_scale)
+            for x in all_grads:
+                x.mul_(inv)
+            found_inf = self._found_inf(all_grads)
+            self.grad_scaler.update(found_inf)
+            if found_inf:  # every rank skips this step; the loss scale backs off
+                self.last_step_skipped = True
+                self.skipped_steps += 1
+                self.last_grad_norm = None
+                return loss
+        if self.clip_grad > 0 or self.grad_scaler is not None or self.track_grad_norm:
+            norm = self._grad_norm([(sh, x) for _, sh, x in factor_grads], [p for p, _ in other_pairs],
+                                   [x for _, x in other_pairs])
+            self.last_grad_norm = norm
+            if not math.isfinite(norm):  # the same (global) norm on every rank: all skip
+                self.last_step_skipped = True
+                self.skipped_steps += 1
+                return loss
+            coef = self.clip_grad / (norm + 1e-6)
+            if self.clip_grad > 0 and coef < 1.0:
+                for x in all_grads:
+                    x.mul_(coef)
         for group in self.param_groups:
             if group["hd_pissa"]:
-                self._step_factors(group)
+                self._step_factors(group, {id(p): x for p, _, x in factor_grads})
             else:
-                self._step_others(group)
+                self._step_others(group, dict((id(p), x) for p, x in other_pairs))
         if self.master_mode == "sharded-fp32":
             self._launch_param_gather()
         self.num_steps += 1
@@ -239,31 +397,36 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             self.check_consistency()
         return loss
 
-    def _step_others(self, group):
-        params = [p for p in group["params"] if p.grad is not None]
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none=set_to_none)
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
+
+    def _step_others(self, group, grads_by_id):
+        params = [p for p in group["params"] if id(p) in grads_by_id]
         if not params:
             return
-        grads = [p.grad for p in params]
-        g = self.groups
-        if g.dp_size > 1:
-            flat = torch.cat([x.reshape(-1).float() for x in grads])
-            dist.all_reduce(flat, group=g.dp_group)
-            flat.div_(g.dp_size)
-            off = 0
-            for x in grads:
-                x.copy_(flat[off:off + x.numel()].view_as(x))
-                off += x.numel()
+        if self.others_optimizer is not None:  # megatron-core's optimizer, at this group's lr
+            for g in self.others_optimizer.param_groups:
+                g["lr"] = group["lr"]
+            self.others_optimizer.step()
+            return
         beta1, beta2 = group["betas"]
-        deltas = _adam_deltas(params, [x.float() for x in grads], [self._state_for(p) for p in params],
-                              group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-        for p, d in zip(params, deltas):
-            p.sub_(d.to(p.dtype))
+        # as megatron-core: no weight decay on biases and norms (1-D parameters)
+        for subset, wd in (([p for p in params if p.ndim > 1], group["weight_decay"]),
+                           ([p for p in params if p.ndim <= 1], 0.0)):
+            deltas = _adam_deltas(subset, [grads_by_id[id(p)].float() for p in subset],
+                                  [self._state_for(p) for p in subset], group["lr"], beta1, beta2,
+                                  group["eps"], wd)
+            for p, d in zip(subset, deltas):
+                p.sub_(d.to(p.dtype))
 
-    def _step_factors(self, group):
+    def _step_factors(self, group, grads_by_id):
         beta1, beta2 = group["betas"]
         params = [p for e in self.entries for p in (e.a, e.b)]
-        live = [p for p in params if p.grad is not None]
-        deltas_live = _adam_deltas(live, [p.grad.float() for p in live], [self._state_for(p) for p in live],
+        live = [p for p in params if id(p) in grads_by_id]
+        deltas_live = _adam_deltas(live, [grads_by_id[id(p)].float() for p in live],
+                                   [self._state_for(p) for p in live],
                                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         by_id = {id(p): d for p, d in zip(live, deltas_live)}
         items = [(e, by_id.get(id(e.a), torch.zeros_like(e.a)), by_id.get(id(e.b), torch.zeros_like(e.b)))
@@ -316,7 +479,11 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
 
     def _aggregate_dense(self, items):
         """Each rank's own update sum_l [(B_l - dB_l)(A_l - dA_l) - B_l A_l] (its local slices),
-        summed over DP by one all-reduce per bucket."""
+        summed over DP by one all-reduce per bucket; with sharded masters by one reduce-scatter,
+        each rank receiving the sum for its own row block only."""
+        if self.master_mode == "sharded-fp32" and self.groups.dp_size > 1:
+            self._aggregate_dense_sharded(items)
+            return
         for bucket in self._buckets(items, lambda it: it[0].rows.numel() * it[1].shape[-1]):
             updates = []
             for entry, da, db in bucket:
@@ -334,6 +501,36 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 total = flat[off:off + u.numel()].view_as(u)
                 off += u.numel()
                 self._apply_update(entry, total, rows_subset=entry.block_sel)
+            if self.update_factors:
+                self._all_gather_moved_factors(bucket)
+
+    def _aggregate_dense_sharded(self, items):
+        """Dense path with sharded masters: the updates of a bucket's parts are placed in their
+        weights' rows (padded to DP x block rows), reduce-scattered over DP, and each rank adds
+        the summed rows of its block to its fp32 master."""
+        g = self.groups
+        for bucket in self._buckets(items, lambda it: it[0].rows.numel() * it[1].shape[-1]):
+            buffers: dict[int, tuple[_Master, torch.Tensor]] = {}
+            for entry, da, db in bucket:
+                ad = entry.adapter
+                lo, hi = ad.first_slice, ad.first_slice + ad.local_slices
+                a_all, b_all = ad.all_factors(entry.part.name)
+                left, right = _left_right(a_all[lo:hi], b_all[lo:hi], da, db)
+                m = self.masters[self._master_index(entry.weight)]
+                if id(entry.weight) not in buffers:
+                    buf = torch.zeros(g.dp_size * m.block, entry.weight.shape[1], device=left.device,
+                                      dtype=torch.float32)
+                    buffers[id(entry.weight)] = (m, buf)
+                buffers[id(entry.weight)][1].index_add_(0, entry.rows, left @ right)
+            flat = torch.cat([buf.view(g.dp_size, -1) for _, buf in buffers.values()], 1)
+            mine = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+            self.last_step_bytes["dense"] += flat.numel() * flat.element_size()
+            _reduce_scatter_flat(mine, flat.reshape(-1), group=g.dp_group)
+            off = 0
+            for m, buf in buffers.values():
+                n = buf.shape[1]
+                m.data.sub_(mine[off:off + (m.hi - m.lo) * n].view(m.hi - m.lo, n))
+                off += m.block * n
             if self.update_factors:
                 self._all_gather_moved_factors(bucket)
 
@@ -409,12 +606,18 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 self._pending.append((_flat_all_gather(flat, g, async_op=True), bucket))
 
     def _wait_for_params(self, module, args):
+        """Forward pre-hook of each targeted layer: wait only for the bucket holding its weight
+        (and the buckets launched before it), so later buckets keep gathering under this layer's
+        forward."""
         if self._pending:
-            self.finish_param_gather()
+            self.finish_param_gather(upto=module.weight)
 
     @torch.no_grad()
-    def finish_param_gather(self) -> None:
-        """Wait for outstanding parameter all-gathers and write the gathered blocks into W."""
+    def finish_param_gather(self, upto: Optional[torch.Tensor] = None) -> None:
+        """Wait for outstanding parameter all-gathers and write the gathered blocks into W: all of
+        them, or with `upto` (a weight) those launched up to the bucket that holds it."""
+        if upto is not None and not any(m.weight is upto for _, bucket in self._pending for m in bucket):
+            return
         while self._pending:
             (gathered, handle), bucket = self._pending.pop(0)
             if handle is not None:
@@ -428,6 +631,8 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                     if hi > lo:
                         m.weight[lo:hi].copy_(gathered[j, off:off + (hi - lo) * n].view(hi - lo, n))
                 off += size
+            if upto is not None and any(m.weight is upto for m in bucket):
+                return
 
     # -- reliability ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -480,3 +685,20 @@ def _left_right(a, b, d_a, d_b):
     left = torch.cat([d_b, b - d_b], 0).permute(1, 0, 2).reshape(m, 2 * k * r)
     right = torch.cat([a, d_a], 0).reshape(2 * k * r, -1)
     return left, right
+
+
+def _scaler_state(scaler) -> dict:
+    """A megatron-core grad scaler's state, device-independent."""
+    sd = dict(scaler.state_dict()) if hasattr(scaler, "state_dict") else {}
+    sd["scale"] = scaler.scale.detach().float().cpu().clone()
+    return sd
+
+
+def _load_scaler_state(scaler, sd: dict) -> None:
+    """megatron-core's `DynamicGradScaler.load_state_dict` moves the scale with `.cuda()`; do the
+    same on whatever device the scaler lives."""
+    device = scaler.scale.device
+    scaler._scale = sd["scale"].to(device)
+    for key in ("growth_tracker", "hysteresis_tracker"):
+        if key in sd and hasattr(scaler, "_" + key):
+            setattr(scaler, "_" + key, sd[key])

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from megatron_hdpissa.distributed import free_port
 
 
-def _worker(rank, world_size, tp, port, fn, args, out_dir):
+def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo"):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -21,7 +21,7 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir):
     from megatron_hdpissa import distributed
 
     try:
-        distributed.initialize(tensor_model_parallel_size=tp, backend="gloo")
+        distributed.initialize(tensor_model_parallel_size=tp, backend=backend)
         result = fn(*args)
         error = None
     except BaseException:  # noqa: BLE001 - shipped back to the parent test
@@ -34,13 +34,13 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir):
         pass
 
 
-def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = ()) -> list:
+def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = (), backend: str = "gloo") -> list:
     """Spawn `world_size` processes, run `fn(*args)` in each after megatron-core initialisation
     with tensor parallel size `tp`, and return the per-rank results (re-raising any failure)."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, tp, free_port(), fn, args, out_dir),
+            args=(world_size, tp, free_port(), fn, args, out_dir, backend),
             nprocs=world_size,
             join=True,
             start_method="spawn",

@@ -38,16 +38,30 @@ def unfuse(mats: dict, fused: bool) -> dict:
 
 
 def hd_pissa_reference(weights: dict, data, r: int, scale: float, lr: float, steps: int,
-                       weight_decay: float = 0.0, fused: bool = False, betas=(0.9, 0.999), eps=1e-8):
+                       weight_decay: float = 0.0, fused: bool = False, betas=(0.9, 0.999), eps=1e-8,
+                       untargeted: tuple = (), clip_grad: float = 0.0, norms: list | None = None):
+    """The logical weights after `steps` HD-PiSSA steps on `data[step][rank][micro]`.
+
+    `untargeted`: logical weights (e.g. "fc2") that get no adapter but are trained as ordinary
+    data-parallel parameters: AdamW on the gradient averaged over the K ranks.
+    `clip_grad` > 0: clip the L2 norm of the gradient of the whole model (all K ranks' factors and
+    the averaged untargeted weights) to it, as torch.nn.utils.clip_grad_norm_ would on one model
+    holding all of them. `norms`, if given, receives that norm per step.
+    """
     num_slices = len(data[0])
-    mats = {n: t.double() for n, t in logical_matrices(weights, fused).items()}
+    logical = logical_matrices(weights, fused)
+    mats = {n: t.double() for n, t in logical.items() if n not in untargeted}
+    shared = {n: logical[n].double().clone().requires_grad_() for n in untargeted}
     init = {n: svd_slices(t, num_slices, r) for n, t in mats.items()}
     params = [{n: (init[n][k][0].clone().requires_grad_(), init[n][k][1].clone().requires_grad_())
                for n in mats} for k in range(num_slices)]
     opts = [torch.optim.AdamW([t for ab in params[k].values() for t in ab], lr=lr, betas=betas, eps=eps,
                               weight_decay=weight_decay) for k in range(num_slices)]
+    shared_opt = (torch.optim.AdamW(list(shared.values()), lr=lr, betas=betas, eps=eps,
+                                    weight_decay=weight_decay) if shared else None)
     for step in range(steps):
-        new = {n: t.clone() for n, t in mats.items()}
+        if shared_opt is not None:
+            shared_opt.zero_grad()
         for k in range(num_slices):
             with torch.no_grad():  # factors are reset to their initial values every step
                 for n in mats:
@@ -56,18 +70,36 @@ def hd_pissa_reference(weights: dict, data, r: int, scale: float, lr: float, ste
             opts[k].zero_grad()
             micro = data[step][k]
             for x, target in micro:
-                eff = {}
+                eff = dict(shared)
                 for n, w in mats.items():
                     a, b = params[k][n]
                     ba = b @ a
                     eff[n] = w + scale * (ba - ba.detach())
                 out = toy.dense_forward(unfuse(eff, fused), x.double())
+                # each rank's loss is its own mean; shared weights see the mean over ranks
                 (toy.loss_fn(out, target.double()) / len(micro)).backward()
+        with torch.no_grad():
+            for t in shared.values():
+                t.grad.div_(num_slices)
+            grads = [t.grad for k in range(num_slices) for ab in params[k].values() for t in ab]
+            grads += [t.grad for t in shared.values()]
+            total = torch.sqrt(sum((g * g).sum() for g in grads))
+            if norms is not None:
+                norms.append(float(total))
+            if clip_grad > 0 and clip_grad / (total + 1e-6) < 1:
+                for g in grads:
+                    g.mul_(clip_grad / (total + 1e-6))
+        for k in range(num_slices):
             opts[k].step()
-            with torch.no_grad():
+        if shared_opt is not None:
+            shared_opt.step()
+        new = {n: t.clone() for n, t in mats.items()}
+        with torch.no_grad():
+            for k in range(num_slices):
                 for n in mats:
                     a0, b0 = init[n][k]
                     a1, b1 = params[k][n]
                     new[n] += b1 @ a1 - b0 @ a0
         mats = new
+    mats.update({n: t.detach().clone() for n, t in shared.items()})
     return unfuse(mats, fused)

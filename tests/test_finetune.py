@@ -92,17 +92,22 @@ def test_finetune_lowers_heldout_loss_and_export_matches(material):
         any(t in k for t in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")) for k in moved), moved
 
 
+NORMS = {"--hd-pissa-trainable-modules": "re:.*layernorm.*"}  # stepped by megatron-core's optimizer
+
+
 def test_kill_and_resume_reproduces_uninterrupted_run(material):
     root = material["root"]
     full = root / "uninterrupted"
-    run_distributed(_main, 2, 1, args=(common_args(material, **{"--train-iters": 6, "--save": full}),))
+    r_full = run_distributed(_main, 2, 1, args=(common_args(material, **{"--train-iters": 6, "--save": full,
+                                                                         **NORMS}),))[0]
+    assert r_full["others_optimizer"] == "ChainedOptimizer", "norms go through get_megatron_optimizer"
 
     killed = root / "killed"
     from megatron_hdpissa.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "megatron_hdpissa.finetune",
-           *common_args(material, **{"--train-iters": 6, "--save": killed, "--save-interval": 2})]
+           *common_args(material, **{"--train-iters": 6, "--save": killed, "--save-interval": 2, **NORMS})]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -121,9 +126,11 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material):
     assert 2 <= saved_at < 6
 
     r = run_distributed(_main, 2, 1, args=(common_args(material, **{"--train-iters": 6, "--save": killed,
-                                                                     "--load": killed}),))[0]
+                                                                     "--load": killed, **NORMS}),))[0]
     assert r["start"] == saved_at
-    a, b = _weights(full, 6), _weights(killed, 6)
+    a, b, a0 = _weights(full, 6), _weights(killed, 6), _weights(material["base"], 0)
+    norms = [k for k in a if "layernorm" in k or "layer_norm" in k]
+    assert norms and any(not torch.equal(a[k], a0[k]) for k in norms), "the norms were trained"
     for k in a:
         if isinstance(a[k], torch.Tensor):
             assert torch.equal(a[k], b[k]), k

@@ -80,7 +80,7 @@ def test_dense_and_sharded_paths_equal_factor_path(tp, dp):
 
 def test_bytes_per_step_equal_formula():
     tp, dp = 2, 2
-    modes = [("fp32-base", "factors"), ("fp32-base", "dense"), ("sharded-fp32", "factors")]
+    modes = [("fp32-base", "factors"), ("fp32-base", "dense"), ("sharded-fp32", "factors"), ("sharded-fp32", "dense")]
     res = run_distributed(_modes_worker, tp * dp, tp, args=(tp, "float32", 1e-3, 1, modes))[0]
     # local (TP-sharded) shapes of every logical matrix: column parts (rows / tp, n), row layers (m, n / tp)
     parts = [(toy.HEADS * toy.HD // tp, toy.H), (toy.GROUPS * toy.HD // tp, toy.H), (toy.GROUPS * toy.HD // tp, toy.H),
@@ -91,6 +91,8 @@ def test_bytes_per_step_equal_formula():
     weights = [(toy.QKV_OUT // tp, toy.H), (toy.H, toy.QKV_OUT // tp), (2 * toy.FFN // tp, toy.H), (toy.H, toy.FFN // tp)]
     params = fp32 * sum(-(-m // dp) * n for m, n in weights)  # each rank's padded row block
     assert res["sharded-fp32/factors"]["bytes"]["params"] == params
+    # dense path with sharded masters: one reduce-scatter of each weight's padded dp x block rows
+    assert res["sharded-fp32/dense"]["bytes"] == {"deltas": 0, "dense": dp * params, "params": params}
 
 
 def test_bf16_naive_loses_updates_master_modes_do_not():
@@ -137,3 +139,28 @@ def test_consistency_guard_names_the_layer():
     msgs = run_distributed(_corrupt_worker, 2, 1)
     for m in msgs:
         assert "divergence" in m and "linear_fc2" in m, m
+
+
+def _param_gather_worker():
+    from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, apply_hd_pissa
+
+    model = toy.MegatronToy(toy.logical_weights(), 1, dtype=torch.bfloat16)
+    apply_hd_pissa(model, HDPiSSAConfig(rank=R, alpha=4.0, master_weights="sharded-fp32", bucket_size=1),
+                   progress=False)
+    opt = HDPiSSAOptimizer(model, lr=1e-2)
+    x, target = toy.make_data(1, 1, 1)[0][0][0]
+    (toy.loss_fn(model(x.bfloat16()).float(), target)).backward()
+    opt.step()
+    launched = len(opt._pending)  # one bucket per weight (bucket_size=1)
+    stale = model.linear_fc1.weight.detach().clone()
+    model.linear_qkv(x.bfloat16())  # its pre-hook waits for its own bucket only
+    after_first = len(opt._pending)
+    fc1_still_stale = torch.equal(model.linear_fc1.weight, stale)
+    model(x.bfloat16())  # the whole forward: every layer got its weights
+    return launched, after_first, fc1_still_stale, len(opt._pending), torch.equal(model.linear_fc1.weight, stale)
+
+
+def test_param_gather_overlaps_forward_layer_by_layer():
+    for launched, after_first, fc1_stale, left, fc1_stale_after in run_distributed(_param_gather_worker, 2):
+        assert launched == 4 and after_first == 3 and fc1_stale
+        assert left == 0 and not fc1_stale_after
