@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -65,82 +64,52 @@ def parse_method(spec: str) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    shape = p.add_argument_group("model shape (bench_step.py's block)")
-    shape.add_argument("--layers", type=int, default=1)
-    shape.add_argument("--hidden", type=int, default=512)
-    shape.add_argument("--ffn", type=int, default=1408)
-    shape.add_argument("--heads", type=int, default=8)
-    shape.add_argument("--groups", type=int, default=4, help="query groups (KV heads, GQA)")
-    shape.add_argument("--head-dim", type=int, default=None, help="default hidden / heads")
-    shape.add_argument("--llama7b", action="store_true",
-                       help="LLaMA-7B layer shapes: hidden 4096, FFN 11008, 32 heads, 32 groups")
-    shape.add_argument("--mixer", choices=("gate", "sdpa"), default="gate",
-                       help="between linear_qkv and linear_proj: cheap gate or causal GQA attention")
-    batch = p.add_argument_group("tokens per optimizer step and rank = micro-batch x seq x grad-accum")
-    batch.add_argument("--micro-batch", type=int, default=1)
-    batch.add_argument("--seq", type=int, default=512)
-    batch.add_argument("--grad-accum", type=int, default=8)
+    bs.add_shape_args(p, "model shape (bench_step.py's block)", hidden=512, ffn=1408, heads=8, groups=4,
+                      mixer_help="between linear_qkv and linear_proj: cheap gate or causal GQA attention")
+    bs.add_batch_args(p, "tokens per optimizer step and rank = micro-batch x seq x grad-accum", seq=512)
     meth = p.add_argument_group("methods")
     meth.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                       help="comma list: hd-pissa:<mode>[:<path>] with mode in "
                            f"{HD_MODES} and path in {HD_PATHS} (auto: the package's per-layer "
                            f"choice), or {OTHER_METHODS}")
-    meth.add_argument("--rank", type=int, default=16, help="adapter rank r (per slice, LoRA, published)")
-    meth.add_argument("--alpha", type=float, default=16.0)
-    meth.add_argument("--virtual-ranks", type=int, default=1,
-                      help="HD-PiSSA slices per process (K = dp x this); micro-batch i feeds local slice i %% L")
-    meth.add_argument("--lr", type=float, default=2e-5)
-    meth.add_argument("--svd", choices=("exact", "randomized"), default="exact",
-                      help="decomposition at set-up (timed as init) of HD-PiSSA, PiSSA and published "
-                           "(exact: published runs the full SVD of every projection, as its code; "
-                           "randomized: the top K*r components, for quick runs at large shapes)")
+    bs.add_adapter_args(meth, rank_help="adapter rank r (per slice, LoRA, published)", virtual_ranks=1,
+                        virtual_ranks_help="HD-PiSSA slices per process (K = dp x this); micro-batch i feeds "
+                                           "local slice i %% L",
+                        svd_help="decomposition at set-up (timed as init) of HD-PiSSA, PiSSA and published "
+                                 "(exact: published runs the full SVD of every projection, as its code; "
+                                 "randomized: the top K*r components, for quick runs at large shapes)")
     meth.add_argument("--no-svd-retime", action="store_true",
                       help="skip re-timing the decomposition warm after the timed steps of the first "
                            "HD-PiSSA method (exact and randomized; with --svd randomized only randomized)")
-    meth.add_argument("--loss", choices=("mse", "sum"), default="mse")
+    bs.add_loss_arg(meth)
     run = p.add_argument_group("run")
     run.add_argument("--nproc", type=int, default=2, help="processes (world size); DP = nproc / tp")
     run.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    run.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per process)")
-    run.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both",
-                     help="base weights and activations; 'both' runs the method list at fp32, then at "
-                          "bf16. Modes that do not fit a dtype are skipped with the reason printed")
-    run.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
-    run.add_argument("--warmup", type=int, default=1)
-    run.add_argument("--iters", type=int, default=3, help="timed optimizer steps (median reported)")
-    run.add_argument("--rounds", type=int, default=1,
-                     help="run the whole method list this many times (alternating order, fresh processes) "
-                          "and pool the timed steps: steadier on a busy machine")
-    run.add_argument("--basis", choices=("wall", "cpu"), default=None,
-                     help="clock for the ratios (default: wall on CUDA; process CPU time on CPU, where "
-                          "other jobs on a shared machine inflate wall time far more. CPU time counts "
-                          "the communication work of gloo's threads, not idle waiting)")
-    run.add_argument("--seed", type=int, default=1234)
+    bs.add_run_args(run, device_help="cpu or cuda (one GPU per process)", dtypes=("fp32", "bf16", "both"),
+                    dtype_default="both",
+                    dtype_help="base weights and activations; 'both' runs the method list at fp32, then at "
+                               "bf16. Modes that do not fit a dtype are skipped with the reason printed",
+                    threads_help="torch intra-op threads per process", iters=3, rounds=1,
+                    rounds_help="run the whole method list this many times (alternating order, fresh "
+                                "processes) and pool the timed steps: steadier on a busy machine",
+                    basis_help="clock for the ratios (default: wall on CUDA; process CPU time on CPU, where "
+                               "other jobs on a shared machine inflate wall time far more. CPU time counts "
+                               "the communication work of gloo's threads, not idle waiting)")
     run.add_argument("--timeout", type=float, default=1800, help="seconds per method (all its processes)")
-    run.add_argument("--markdown-out", default=None)
-    run.add_argument("--json-out", default=None)
-    run.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    run.add_argument("--worker-dtype", default=None, help=argparse.SUPPRESS)
-    run.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    run.add_argument("--worker-retime", action="store_true", help=argparse.SUPPRESS)
+    bs.add_output_args(run, ("--worker-dtype", {"default": None}),
+                       ("--worker-retime", {"action": "store_true"}))
     args = p.parse_args(argv)
-    if args.llama7b:
-        args.hidden, args.ffn, args.heads, args.groups = 4096, 11008, 32, 32
-    if args.head_dim is None:
-        args.head_dim = args.hidden // args.heads
+    bs.shape_defaults(args)
     try:
         args.method_specs = [parse_method(m) for m in args.methods.split(",") if m]
     except ValueError as e:
         p.error(f"--methods: {e}")
     if args.nproc < 1 or args.tp < 1 or args.nproc % args.tp:
         p.error(f"--tp {args.tp} must divide --nproc {args.nproc}")
-    if args.heads % args.groups:
-        p.error("--heads must be divisible by --groups")
+    bs.check_heads_and_basis(p, args)
     if args.groups % args.tp or args.ffn % args.tp:
         p.error("--tp must divide --groups and --ffn")
     args.dp = args.nproc // args.tp
-    if args.basis is None:
-        args.basis = "wall" if args.device.startswith("cuda") else "cpu"
     args.dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     return args
 
@@ -164,8 +133,7 @@ def skip_reason(spec: dict, dtype: str, args) -> str | None:
     return None
 
 
-def tokens_per_rank(args) -> int:
-    return args.micro_batch * args.seq * args.grad_accum
+tokens_per_rank = bs.tokens_per_step  # micro-batch x seq x grad-accum, per rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,30 +143,11 @@ def localise_mixer(model, args, tp: int) -> None:
     """bench_step.build_model's attention reshapes the fused QKV output with the global head
     counts; at TP > 1 each rank holds groups / tp query groups, so rebind the mixer to those
     (the parallel linears themselves are built with the global sizes and shard by TP)."""
-    import torch
-    import torch.nn.functional as F
-
     hd, groups = args.head_dim, args.groups // tp
     qpg = args.heads // args.groups
-    heads = groups * qpg
 
     def forward(self, x):
-        qkv, _ = self.linear_qkv(x)
-        s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, groups, (qpg + 2) * hd)
-        q = qkv[..., :qpg * hd].reshape(s, b, groups, qpg, hd)
-        k = qkv[..., qpg * hd:(qpg + 1) * hd].unsqueeze(3)
-        v = qkv[..., (qpg + 1) * hd:].unsqueeze(3)
-        if args.mixer == "gate":
-            o = (q * torch.sigmoid(k) + v).reshape(s, b, heads * hd)
-        else:
-            qh = q.reshape(s, b, heads, hd).permute(1, 2, 0, 3)
-            kh = k.squeeze(3).permute(1, 2, 0, 3)
-            vh = v.squeeze(3).permute(1, 2, 0, 3)
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
-            o = o.permute(2, 0, 1, 3).reshape(s, b, heads * hd)
-        out, _ = self.linear_proj(o)
-        return out
+        return bs.attention_forward(self, x, args.mixer, groups, qpg, hd)
 
     for layer in model.decoder.layers:
         att = layer.self_attention
@@ -216,42 +165,29 @@ class DistPublishedAdapter(bs.PublishedAdapter):
     package's randomized decomposition instead of the full SVD."""
 
     def __init__(self, target, rank, scale, dp_rank, dp_size, svd="exact", seed=0):  # noqa: D401
-        import torch
+        self.dp_rank, self.dp_size, self.svd, self.seed = dp_rank, dp_size, svd, seed
+        super().__init__(target, rank, scale)
+
+    def components(self, full, i):
         from megatron_hdpissa.decomposition import top_singular
 
-        self.target, self.scale = target, scale
-        self.a, self.b = [], []
-        w = target.module.weight
-        for i, part in enumerate(target.parts):
-            full = part.select(w.detach())
-            if svd == "exact":  # the published code: torch.svd(W), all components
-                u, s, v = top_singular(full, min(full.shape), "exact")
-            else:
-                u, s, v = top_singular(full, dp_size * rank, "randomized", seed=seed + i)
-            lo, hi = dp_rank * rank, (dp_rank + 1) * rank
-            sq = s[lo:hi].sqrt()
-            self.a.append(torch.nn.Parameter((sq[:, None] * v[:, lo:hi].t()).contiguous()))
-            self.b.append(torch.nn.Parameter((u[:, lo:hi] * sq[None, :]).contiguous()))
-        self.inverse = None
-        if target.parts[0].rows is not None:
-            perm = torch.cat([p.rows for p in target.parts]).to(w.device)
-            if not torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
-                self.inverse = torch.argsort(perm)
-        target.module._published_hook = target.module.register_forward_hook(self._hook, with_kwargs=True)
+        if self.svd == "exact":  # the published code: torch.svd(W), all components
+            u, s, v = top_singular(full, min(full.shape), "exact")
+        else:
+            u, s, v = top_singular(full, self.dp_size * self.rank, "randomized", seed=self.seed + i)
+        lo, hi = self.dp_rank * self.rank, (self.dp_rank + 1) * self.rank
+        return u[:, lo:hi], s[lo:hi], v[:, lo:hi]
 
 
-class DistPublishedOptimizer:
+class DistPublishedOptimizer(bs.PublishedOptimizer):
     """The published optimizer step, per projection: gradients x 1e16, hand-written Adam, then
     four blocking all-gathers (dA, dB, and the factors A, B themselves) of every rank's r x n and
     m x r tensors, and `W -= sum_i (dB_i A_i + B_i dA_i - dB_i dA_i)` as a dense fp32 m x n sum
     added to W in W's dtype. The factors stay fixed (the published code never changes A, B)."""
 
     def __init__(self, adapters, lr, group, dp_size, betas=(0.9, 0.999), eps=1e-8):
-        import torch
-
-        self.adapters, self.lr, self.group, self.dp = adapters, lr, group, dp_size
-        self.betas, self.eps, self.t = betas, eps, 0
-        self.moments = [[[torch.zeros_like(p) for _ in range(2)] for p in ad.a + ad.b] for ad in adapters]
+        super().__init__(adapters, lr, betas, eps)
+        self.group, self.dp = group, dp_size
         self.bytes = {"factors+deltas": 0, "loss": 0}
 
     def _gather(self, t):
@@ -268,35 +204,15 @@ class DistPublishedOptimizer:
     def step(self):
         import torch
 
-        b1, b2 = self.betas
-        self.t += 1
-        t = self.t
         self.bytes["factors+deltas"] = 0
         with torch.no_grad():
-            for ad, moments in zip(self.adapters, self.moments):
-                w = ad.target.module.weight
-                n_parts = len(ad.a)
-                for i, part in enumerate(ad.target.parts):
-                    a, b = ad.a[i], ad.b[i]
-                    steps = []
-                    for p, mom in ((a, moments[i]), (b, moments[n_parts + i])):
-                        g = p.grad * 1e16
-                        mom[0] = b1 * mom[0] + (1 - b1) * g
-                        mom[1] = b2 * mom[1] + (1 - b2) * g ** 2
-                        steps.append(self.lr * (mom[0] / (1 - b1 ** t)) / (torch.sqrt(mom[1] / (1 - b2 ** t)) + self.eps))
-                    d_a, d_b = steps
-                    d_a_all, d_b_all = self._gather(d_a), self._gather(d_b)
-                    a_all, b_all = self._gather(a.data), self._gather(b.data)
-                    delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float32, device=a.device)
-                    for k in range(len(a_all)):
-                        delta -= d_b_all[k] @ a_all[k] + b_all[k] @ d_a_all[k] - d_b_all[k] @ d_a_all[k]
-                    if part.rows is None:
-                        w.add_(delta.to(w.dtype))
-                    else:
-                        rows = part.rows.to(w.device)
-                        w.index_copy_(0, rows, (w.index_select(0, rows).float() + delta).to(w.dtype))
-                    a.grad = None
-                    b.grad = None
+            for w, part, a, b, d_a, d_b in self.updates():
+                d_a_all, d_b_all = self._gather(d_a), self._gather(d_b)
+                a_all, b_all = self._gather(a.data), self._gather(b.data)
+                delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float32, device=a.device)
+                for k in range(len(a_all)):
+                    delta -= d_b_all[k] @ a_all[k] + b_all[k] @ d_a_all[k] - d_b_all[k] @ d_a_all[k]
+                bs.add_delta(w, part, delta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,9 +275,7 @@ def run_worker(args) -> dict:
     groups = distributed.initialize(tensor_model_parallel_size=args.tp, backend="nccl" if cuda else "gloo")
     dp, dp_rank = groups.dp_size, groups.dp_rank
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    sync = bs.device_sync(cuda)
 
     def barrier():
         sync()
@@ -375,9 +289,7 @@ def run_worker(args) -> dict:
     data_args.seed = args.seed + 7919 * dp_rank  # each DP rank its own micro-batches; TP peers share them
     data = bs.make_data(data_args, device, dtype)
     sync()
-    mem_base = torch.cuda.memory_allocated() / 2**20 if cuda else bs._rss_mb()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    mem_base = bs.memory_baseline(cuda)
 
     kind = spec["kind"]
     opt = published = None
@@ -412,25 +324,15 @@ def run_worker(args) -> dict:
     elif kind == "full":
         from megatron_hdpissa.baselines import DataParallelAdamW
 
-        for p in model.parameters():
-            p.requires_grad_(True)
+        bs.set_trainable(model, True)
         t_apply = bs._since(t_init)
         opt = DataParallelAdamW(list(model.parameters()), lr=args.lr)
     elif kind == "floor":
-        for p in model.parameters():  # as bench_step: backward = the input-gradient GEMMs only
-            p.requires_grad_(False)
-        first = model.decoder.layers[0].self_attention.linear_qkv
-        first.register_forward_hook(lambda mod, inp, out: (out[0].requires_grad_(True), out[1]))
+        bs.make_floor(model)  # as bench_step: backward = the input-gradient GEMMs only
         t_apply = bs._since(t_init)
     elif kind == "published":
-        from megatron_hdpissa.apply import find_targets
-        from megatron_hdpissa.config import DEFAULT_TARGET_MODULES
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        targets = find_targets(model, DEFAULT_TARGET_MODULES, tp_size=1, fused=False)
         adapters = [DistPublishedAdapter(t, args.rank, args.alpha / args.rank, dp_rank, dp, args.svd, args.seed)
-                    for t in targets]
+                    for t in bs.published_targets(model)]
         sync()
         t_apply = bs._since(t_init)
         published = DistPublishedOptimizer(adapters, args.lr, groups.dp_group, dp)
@@ -446,11 +348,8 @@ def run_worker(args) -> dict:
         n_grad = sum(p.numel() for g in opt.param_groups for p in g["params"])
         formula = {"grads": 4 * n_grad if dp > 1 else 0}  # DataParallelAdamW all-reduces fp32 grads
         collectives = {"grads": "all_reduce"}
-    mem_setup = (torch.cuda.max_memory_allocated() / 2**20) if cuda else bs._rss_mb()
-    if published is not None:
-        trainable = sum(p.numel() for ad in published.adapters for p in ad.parameters())
-    else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    mem_setup = bs.mem_mb(cuda)
+    trainable = bs.count_trainable(model, published)
 
     loss_bytes = [0]
 
@@ -458,15 +357,7 @@ def run_worker(args) -> dict:
         barrier()  # ranks start each step together; not timed
         t0 = bs._now()
         for i, (x, target) in enumerate(data):
-            if slices > 1:
-                from megatron_hdpissa import active_slice
-
-                ctx = active_slice(model, i % slices)
-            else:
-                ctx = bs._null()
-            with ctx:
-                loss = bs.loss_fn(args.loss, model(x), target) / len(data)
-                loss.backward()
+            loss = bs.forward_backward(model, x, target, i, slices, args.loss, len(data))
             if published is not None and dp > 1:  # the published loop all-reduces every micro-batch's loss
                 avg = loss.detach().clone()
                 dist.all_reduce(avg, group=groups.dp_group)
@@ -499,7 +390,7 @@ def run_worker(args) -> dict:
 
     steps = [one_step() for _ in range(args.warmup + args.iters)]
     timed = steps[args.warmup:]
-    mem_peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else bs._rss_mb()
+    mem_peak = bs.mem_mb(cuda)
 
     consistency = None
     retime = {}
@@ -551,10 +442,7 @@ def run_method(name: str, dtype: str, argv: list, args, retime: bool) -> dict:
         procs, logs = [], []
         t0 = time.perf_counter()
         for rank in range(args.nproc):
-            env = dict(os.environ)
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-                env[var] = str(args.threads)
-            env.setdefault("PYTHONWARNINGS", "ignore")
+            env = bs.worker_env(args.threads)
             env.update(RANK=str(rank), WORLD_SIZE=str(args.nproc), LOCAL_RANK=str(rank),
                        LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name, "--worker-dtype", dtype,
@@ -678,8 +566,7 @@ def summarise(results: list[dict], args) -> None:
         r["tokens_per_s"] = tokens / (t / 1e3)
 
 
-def fmt(x, spec=".0f", none="-"):
-    return none if x is None else format(x, spec)
+fmt = bs.fmt
 
 
 def mb(n):
@@ -689,22 +576,15 @@ def mb(n):
 def render_markdown(results, info, args, command) -> str:
     cuda = args.device.startswith("cuda")
     k = args.dp * args.virtual_ranks
-    qkv_out = (args.heads + 2 * args.groups) * args.head_dim
     lines = [
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['logical_cores']} logical cores "
-        f"({info['cores_available']} available, 1-min load {fmt(info['load_avg_1m'], '.1f')} at start), "
-        f"torch threads {args.threads} per process, torch {info['torch']}, megatron-core {info['megatron_core']}, "
-        f"Python {info['python']}, device {info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
-        + f", backend {'nccl' if cuda else 'gloo'}.",
+        f"Machine: {bs.describe_machine(info, ' per process')}, backend {'nccl' if cuda else 'gloo'}.",
         "",
         f"Parallelism: {args.nproc} processes = DP {args.dp} x TP {args.tp}; HD-PiSSA K = {k} slices "
         f"({args.dp} DP ranks x {args.virtual_ranks} per process), r = {args.rank}, alpha = {args.alpha:g}, "
         f"init SVD {args.svd}.",
-        f"Model: {args.layers} x [linear_qkv {args.hidden}->{qkv_out} ({args.heads} heads / {args.groups} groups, "
-        f"head dim {args.head_dim}), {args.mixer} mixer, linear_proj {args.heads * args.head_dim}->{args.hidden}, "
-        f"linear_fc1 {args.hidden}->{2 * args.ffn} (gate/up), linear_fc2 {args.ffn}->{args.hidden}], {args.loss} loss.",
+        f"Model: {bs.describe_model(args)}, {args.loss} loss.",
         f"Tokens per optimizer step: {args.micro_batch} x {args.seq} x {args.grad_accum} = {tokens_per_rank(args)} "
         f"per rank, {tokens_per_rank(args) * args.dp} in all; {args.warmup} warm-up + {args.iters} timed steps; "
         "each method in its own fresh set of processes"
@@ -833,14 +713,8 @@ def write_outputs(results, info, args, command, partial=False) -> str:
     md = render_markdown(results, info, args, command)
     if partial:
         md = "**Partial results: the run has not finished.**\n\n" + md
-    if args.markdown_out:
-        with open(args.markdown_out, "w") as f:
-            f.write(md)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"command": command, "machine": info, "partial": partial,
-                       "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-                       "tokens_per_rank": tokens_per_rank(args), "results": results}, f, indent=2, default=str)
+    bs.write_files(args, md, {"command": command, "machine": info, "partial": partial, "args": bs.json_args(args),
+                              "tokens_per_rank": tokens_per_rank(args), "results": results}, default=str)
     return md
 
 
@@ -865,19 +739,10 @@ def _terminate(signum, frame):
 
 def main(argv=None):
     warnings.filterwarnings("ignore")  # megatron-core's "Transformer Engine and Apex are not installed"
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.worker:
-        res = run_worker(args)
-        with open(args.worker_out, "w") as f:
-            json.dump(res, f)
+    started = bs.start(argv, __file__, parse_args, run_worker)
+    if started is None:
         return 0
-    py = (os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(os.getcwd())
-          else sys.executable)
-    command = " ".join(shlex.quote(a) for a in [py, os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
-    info = bs.machine_info(args)
-    print(f"command: {command}")
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    argv, args, command, info = started
     signal.signal(signal.SIGTERM, _terminate)  # e.g. `timeout`: stop this method's ranks, keep partial output
     print(f"processes {args.nproc} = DP {args.dp} x TP {args.tp}; tokens per optimizer step "
           f"{tokens_per_rank(args)} per rank, {tokens_per_rank(args) * args.dp} in all", flush=True)

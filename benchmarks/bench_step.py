@@ -39,72 +39,117 @@ PUBLISHED_SCALE = 1e-16  # the published code scales the dense B A by 1e-16 and 
 # ---------------------------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    shape = p.add_argument_group("model shape")
+def add_shape_args(p, title="model shape", *, hidden=1024, ffn=2816, heads=16, groups=4,
+                   mixer_help="what sits between linear_qkv and linear_proj: a cheap elementwise "
+                              "gate (q * sigmoid(k) + v per query group) or causal GQA attention"):
+    """The model-shape group (bench_step's block), with the given defaults; finish with shape_defaults."""
+    shape = p.add_argument_group(title)
     shape.add_argument("--layers", type=int, default=1)
-    shape.add_argument("--hidden", type=int, default=1024)
-    shape.add_argument("--ffn", type=int, default=2816)
-    shape.add_argument("--heads", type=int, default=16)
-    shape.add_argument("--groups", type=int, default=4, help="query groups (KV heads, GQA)")
+    shape.add_argument("--hidden", type=int, default=hidden)
+    shape.add_argument("--ffn", type=int, default=ffn)
+    shape.add_argument("--heads", type=int, default=heads)
+    shape.add_argument("--groups", type=int, default=groups, help="query groups (KV heads, GQA)")
     shape.add_argument("--head-dim", type=int, default=None, help="default hidden / heads")
     shape.add_argument("--llama7b", action="store_true",
                        help="LLaMA-7B layer shapes: hidden 4096, FFN 11008, 32 heads, 32 groups")
-    shape.add_argument("--mixer", choices=("gate", "sdpa"), default="gate",
-                       help="what sits between linear_qkv and linear_proj: a cheap elementwise "
-                            "gate (q * sigmoid(k) + v per query group) or causal GQA attention")
-    batch = p.add_argument_group("tokens per optimizer step = micro-batch x seq x grad-accum")
-    batch.add_argument("--micro-batch", type=int, default=1)
-    batch.add_argument("--seq", type=int, default=1024)
-    batch.add_argument("--grad-accum", type=int, default=8)
-    meth = p.add_argument_group("methods")
-    meth.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
-    meth.add_argument("--rank", type=int, default=16, help="adapter rank r (HD-PiSSA per slice, LoRA, published)")
-    meth.add_argument("--alpha", type=float, default=16.0)
-    meth.add_argument("--virtual-ranks", type=int, default=8,
-                      help="K for `hd-pissa`: slices held by this one process (micro-batch i feeds slice i %% K)")
-    meth.add_argument("--lr", type=float, default=2e-5)
-    meth.add_argument("--svd", choices=("exact", "randomized"), default="exact",
-                      help="decomposition at set-up (not timed)")
-    meth.add_argument("--loss", choices=("mse", "sum"), default="mse")
-    run = p.add_argument_group("run")
-    run.add_argument("--device", default="cpu", help="cpu or cuda")
-    run.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="base weights and activations")
-    run.add_argument("--threads", type=int, default=1,
-                     help="torch intra-op threads (also OMP/MKL). 1 is the steady choice on a shared "
-                          "machine: with 2 OpenMP threads on 2 busy cores, one descheduled thread "
-                          "stalls the other at every barrier")
-    run.add_argument("--warmup", type=int, default=1)
-    run.add_argument("--iters", type=int, default=2, help="timed optimizer steps (median reported)")
-    run.add_argument("--rounds", type=int, default=2,
-                     help="run the whole method list this many times (alternating order, fresh "
-                          "processes) and pool the timed steps: steadier on a busy machine")
-    run.add_argument("--basis", choices=("wall", "cpu"), default=None,
-                     help="clock for the ratios: wall-clock, or process CPU time (default: cpu on CPU, "
-                          "where other jobs on a shared machine inflate wall time; wall on GPU)")
-    run.add_argument("--seed", type=int, default=1234)
-    run.add_argument("--profile", default="",
-                     help="comma list of methods to run one extra step under torch.profiler for")
-    run.add_argument("--timeout", type=float, default=1800, help="seconds per method subprocess")
-    run.add_argument("--markdown-out", default=None)
-    run.add_argument("--json-out", default=None)
-    run.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    run.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    shape.add_argument("--mixer", choices=("gate", "sdpa"), default="gate", help=mixer_help)
+    return shape
+
+
+def shape_defaults(args) -> None:
+    """After parsing: --llama7b's shapes and the default head dim."""
     if args.llama7b:
         args.hidden, args.ffn, args.heads, args.groups = 4096, 11008, 32, 32
     if args.head_dim is None:
         args.head_dim = args.hidden // args.heads
+
+
+def add_batch_args(p, title="tokens per optimizer step = micro-batch x seq x grad-accum", *, seq=1024):
+    batch = p.add_argument_group(title)
+    batch.add_argument("--micro-batch", type=int, default=1)
+    batch.add_argument("--seq", type=int, default=seq)
+    batch.add_argument("--grad-accum", type=int, default=8)
+    return batch
+
+
+def add_adapter_args(meth, *, rank_help, virtual_ranks, virtual_ranks_help, svd_help):
+    """--rank, --alpha, --virtual-ranks, --lr, --svd into the methods group."""
+    meth.add_argument("--rank", type=int, default=16, help=rank_help)
+    meth.add_argument("--alpha", type=float, default=16.0)
+    meth.add_argument("--virtual-ranks", type=int, default=virtual_ranks, help=virtual_ranks_help)
+    meth.add_argument("--lr", type=float, default=2e-5)
+    meth.add_argument("--svd", choices=("exact", "randomized"), default="exact", help=svd_help)
+
+
+def add_loss_arg(meth) -> None:
+    meth.add_argument("--loss", choices=("mse", "sum"), default="mse")
+
+
+def add_run_args(run, *, device_help, dtypes, dtype_default, dtype_help, threads_help, iters, rounds,
+                 rounds_help, basis_help):
+    """--device, --dtype, --threads, --warmup, --iters, --rounds, --basis, --seed into the run group."""
+    run.add_argument("--device", default="cpu", help=device_help)
+    run.add_argument("--dtype", choices=dtypes, default=dtype_default, help=dtype_help)
+    run.add_argument("--threads", type=int, default=1, help=threads_help)
+    run.add_argument("--warmup", type=int, default=1)
+    run.add_argument("--iters", type=int, default=iters, help="timed optimizer steps (median reported)")
+    run.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
+    run.add_argument("--basis", choices=("wall", "cpu"), default=None, help=basis_help)
+    run.add_argument("--seed", type=int, default=1234)
+
+
+def add_output_args(run, *worker_flags) -> None:
+    """--markdown-out, --json-out and the hidden --worker, --worker-out (and worker_flags, hidden)."""
+    run.add_argument("--markdown-out", default=None)
+    run.add_argument("--json-out", default=None)
+    run.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    for flag, kw in worker_flags:
+        run.add_argument(flag, help=argparse.SUPPRESS, **kw)
+
+
+def check_heads_and_basis(p, args) -> None:
+    if args.heads % args.groups:
+        p.error("--heads must be divisible by --groups")
+    if args.basis is None:
+        args.basis = "wall" if args.device.startswith("cuda") else "cpu"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_shape_args(p)
+    add_batch_args(p)
+    meth = p.add_argument_group("methods")
+    meth.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
+    add_adapter_args(meth, rank_help="adapter rank r (HD-PiSSA per slice, LoRA, published)", virtual_ranks=8,
+                     virtual_ranks_help="K for `hd-pissa`: slices held by this one process (micro-batch i "
+                                        "feeds slice i %% K)",
+                     svd_help="decomposition at set-up (not timed)")
+    add_loss_arg(meth)
+    run = p.add_argument_group("run")
+    add_run_args(run, device_help="cpu or cuda", dtypes=("fp32", "bf16"), dtype_default="fp32",
+                 dtype_help="base weights and activations",
+                 threads_help="torch intra-op threads (also OMP/MKL). 1 is the steady choice on a shared "
+                              "machine: with 2 OpenMP threads on 2 busy cores, one descheduled thread "
+                              "stalls the other at every barrier",
+                 iters=2, rounds=2,
+                 rounds_help="run the whole method list this many times (alternating order, fresh "
+                             "processes) and pool the timed steps: steadier on a busy machine",
+                 basis_help="clock for the ratios: wall-clock, or process CPU time (default: cpu on CPU, "
+                            "where other jobs on a shared machine inflate wall time; wall on GPU)")
+    run.add_argument("--profile", default="",
+                     help="comma list of methods to run one extra step under torch.profiler for")
+    run.add_argument("--timeout", type=float, default=1800, help="seconds per method subprocess")
+    add_output_args(run)
+    args = p.parse_args(argv)
+    shape_defaults(args)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; choose from {METHODS}")
     args.method_list = methods
-    if args.basis is None:
-        args.basis = "wall" if args.device.startswith("cuda") else "cpu"
-    if args.heads % args.groups:
-        p.error("--heads must be divisible by --groups")
+    check_heads_and_basis(p, args)
     return args
 
 
@@ -118,6 +163,31 @@ def tokens_per_step(args) -> int:
 def rms(x, eps=1e-5):
     """Parameter-free RMS norm: keeps the residual stream bounded; no trainable parameters."""
     return x * (x.float().pow(2).mean(-1, keepdim=True) + eps).rsqrt().to(x.dtype)
+
+
+def attention_forward(att, x, mixer, groups, qpg, hd):
+    """linear_qkv, the mixer over `groups` query groups of `qpg` heads of dim `hd` each, linear_proj."""
+    import torch
+    import torch.nn.functional as F
+
+    qkv, _ = att.linear_qkv(x)
+    s, b = qkv.shape[:2]
+    heads = groups * qpg
+    qkv = qkv.view(s, b, groups, (qpg + 2) * hd)  # megatron-core: [q heads of g, k_g, v_g]
+    q = qkv[..., :qpg * hd].reshape(s, b, groups, qpg, hd)
+    k = qkv[..., qpg * hd:(qpg + 1) * hd].unsqueeze(3)
+    v = qkv[..., (qpg + 1) * hd:].unsqueeze(3)
+    if mixer == "gate":
+        o = q * torch.sigmoid(k) + v
+        o = o.reshape(s, b, heads * hd)
+    else:
+        qh = q.reshape(s, b, heads, hd).permute(1, 2, 0, 3)
+        kh = k.squeeze(3).permute(1, 2, 0, 3)
+        vh = v.squeeze(3).permute(1, 2, 0, 3)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        o = o.permute(2, 0, 1, 3).reshape(s, b, heads * hd)
+    out, _ = att.linear_proj(o)
+    return out
 
 
 def build_model(args, device, dtype):
@@ -147,23 +217,7 @@ def build_model(args, device, dtype):
                                                  skip_bias_add=True, **kw)
 
         def forward(self, x):
-            qkv, _ = self.linear_qkv(x)
-            s, b = qkv.shape[:2]
-            qkv = qkv.view(s, b, groups, (qpg + 2) * hd)  # megatron-core: [q heads of g, k_g, v_g]
-            q = qkv[..., :qpg * hd].reshape(s, b, groups, qpg, hd)
-            k = qkv[..., qpg * hd:(qpg + 1) * hd].unsqueeze(3)
-            v = qkv[..., (qpg + 1) * hd:].unsqueeze(3)
-            if args.mixer == "gate":
-                o = q * torch.sigmoid(k) + v
-                o = o.reshape(s, b, heads * hd)
-            else:
-                qh = q.reshape(s, b, heads, hd).permute(1, 2, 0, 3)
-                kh = k.squeeze(3).permute(1, 2, 0, 3)
-                vh = v.squeeze(3).permute(1, 2, 0, 3)
-                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
-                o = o.permute(2, 0, 1, 3).reshape(s, b, heads * hd)
-            out, _ = self.linear_proj(o)
-            return out
+            return attention_forward(self, x, args.mixer, groups, qpg, hd)
 
     class MLP(nn.Module):
         def __init__(self):
@@ -241,27 +295,27 @@ class PublishedAdapter:
 
     def __init__(self, target, rank, scale):
         import torch
-        from megatron_hdpissa.decomposition import top_singular
 
-        self.target = target
-        self.scale = scale
-        self.a, self.b, self.m_a, self.v_a, self.m_b, self.v_b = [], [], [], [], [], []
+        self.target, self.scale, self.rank = target, scale, rank
+        self.a, self.b = [], []
         w = target.module.weight
-        for part in target.parts:
-            u, s, v = top_singular(part.select(w.detach()), rank, "exact")
+        for i, part in enumerate(target.parts):
+            u, s, v = self.components(part.select(w.detach()), i)
             sq = s.sqrt()
-            a = torch.nn.Parameter((sq[:, None] * v.t()).contiguous())  # fp32, like the published code
-            b = torch.nn.Parameter((u * sq[None, :]).contiguous())
-            self.a.append(a)
-            self.b.append(b)
-            for lst, t in ((self.m_a, a), (self.v_a, a), (self.m_b, b), (self.v_b, b)):
-                lst.append(torch.zeros_like(t))
+            self.a.append(torch.nn.Parameter((sq[:, None] * v.t()).contiguous()))  # fp32, like the published code
+            self.b.append(torch.nn.Parameter((u * sq[None, :]).contiguous()))
         self.inverse = None
         if target.parts[0].rows is not None:
             perm = torch.cat([p.rows for p in target.parts]).to(w.device)
             if not torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
                 self.inverse = torch.argsort(perm)
         target.module._published_hook = target.module.register_forward_hook(self._hook, with_kwargs=True)
+
+    def components(self, full, i):
+        """(U, S, V) of this rank's slice of `full`, part i of the target: the top r components."""
+        from megatron_hdpissa.decomposition import top_singular
+
+        return top_singular(full, self.rank, "exact")
 
     def dense_delta(self):
         import torch
@@ -335,42 +389,56 @@ class PublishedOptimizer:
     term at world size 1), and the factor gradients dropped."""
 
     def __init__(self, adapters, lr, betas=(0.9, 0.999), eps=1e-8):
+        import torch
+
         self.adapters, self.lr, self.betas, self.eps = adapters, lr, betas, eps
         self.t = 0
+        self.moments = [[[torch.zeros_like(p) for _ in range(2)] for p in ad.a + ad.b] for ad in adapters]
         self.merge_s = []  # (wall, cpu) seconds of the merge, per step
 
-    def step(self, sync):
+    def updates(self):
+        """Advance the step count; per part of every adapter: (W, part, A, B, dA, dB), the Adam
+        steps of the factors (their gradients x 1e16); the factor gradients are dropped after."""
         import torch
 
         b1, b2 = self.betas
         self.t += 1
         t = self.t
+        for ad, moments in zip(self.adapters, self.moments):
+            n_parts = len(ad.a)
+            for i, part in enumerate(ad.target.parts):
+                a, b = ad.a[i], ad.b[i]
+                steps = []
+                for p, mom in ((a, moments[i]), (b, moments[n_parts + i])):
+                    g = p.grad * 1e16
+                    mom[0] = b1 * mom[0] + (1 - b1) * g
+                    mom[1] = b2 * mom[1] + (1 - b2) * g ** 2
+                    steps.append(self.lr * (mom[0] / (1 - b1 ** t)) / (torch.sqrt(mom[1] / (1 - b2 ** t)) + self.eps))
+                yield ad.target.module.weight, part, a, b, steps[0], steps[1]
+                a.grad = None
+                b.grad = None
+
+    def step(self, sync):
+        import torch
+
         merge = [0.0, 0.0]
         with torch.no_grad():
-            for ad in self.adapters:
-                w = ad.target.module.weight
-                for i, part in enumerate(ad.target.parts):
-                    a, b = ad.a[i], ad.b[i]
-                    g_a, g_b = a.grad * 1e16, b.grad * 1e16
-                    ad.m_a[i] = b1 * ad.m_a[i] + (1 - b1) * g_a
-                    ad.v_a[i] = b2 * ad.v_a[i] + (1 - b2) * g_a ** 2
-                    ad.m_b[i] = b1 * ad.m_b[i] + (1 - b1) * g_b
-                    ad.v_b[i] = b2 * ad.v_b[i] + (1 - b2) * g_b ** 2
-                    d_a = self.lr * (ad.m_a[i] / (1 - b1 ** t)) / (torch.sqrt(ad.v_a[i] / (1 - b2 ** t)) + self.eps)
-                    d_b = self.lr * (ad.m_b[i] / (1 - b1 ** t)) / (torch.sqrt(ad.v_b[i] / (1 - b2 ** t)) + self.eps)
-                    sync()
-                    t0 = _now()
-                    delta = -(d_b @ a + b @ d_a - d_b @ d_a)
-                    if part.rows is None:
-                        w.add_(delta.to(w.dtype))
-                    else:
-                        rows = part.rows.to(w.device)
-                        w.index_copy_(0, rows, (w.index_select(0, rows).float() + delta).to(w.dtype))
-                    sync()
-                    merge = [m + e for m, e in zip(merge, _since(t0))]
-                    a.grad = None
-                    b.grad = None
+            for w, part, a, b, d_a, d_b in self.updates():
+                sync()
+                t0 = _now()
+                add_delta(w, part, -(d_b @ a + b @ d_a - d_b @ d_a))
+                sync()
+                merge = [m + e for m, e in zip(merge, _since(t0))]
         self.merge_s.append(tuple(merge))
+
+
+def add_delta(w, part, delta) -> None:
+    """W += delta (fp32) in W's dtype, at the part's rows of W."""
+    if part.rows is None:
+        w.add_(delta.to(w.dtype))
+    else:
+        rows = part.rows.to(w.device)
+        w.index_copy_(0, rows, (w.index_select(0, rows).float() + delta).to(w.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +446,88 @@ class PublishedOptimizer:
 # ---------------------------------------------------------------------------------------------
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def mem_mb(cuda: bool, peak: bool = True) -> float:
+    """MiB: the device allocator's peak (or current) allocation on CUDA; max RSS on CPU."""
+    import torch
+
+    if not cuda:
+        return _rss_mb()
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
+
+
+def device_sync(cuda: bool):
+    """A function that waits for the device (nothing to wait for on CPU)."""
+    import torch
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    return sync
+
+
+def memory_baseline(cuda: bool) -> float:
+    """mem_mb now (current allocation on CUDA, whose peak statistics restart here)."""
+    import torch
+
+    base = mem_mb(cuda, peak=False)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    return base
+
+
+def set_trainable(model, flag: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+def make_full(model, lr):
+    """Every weight trainable; DataParallelAdamW over them."""
+    from megatron_hdpissa.baselines import DataParallelAdamW
+
+    set_trainable(model, True)
+    return DataParallelAdamW(list(model.parameters()), lr=lr)
+
+
+def make_floor(model) -> None:
+    """Frozen base, no trainable parameters: the backward graph starts at the output of the
+    first linear (layer 0's linear_qkv), made a leaf that requires grad, so backward runs
+    exactly the input-gradient GEMMs the adapter methods run (none of them needs the
+    gradient of the model input itself)."""
+    set_trainable(model, False)
+    first = model.decoder.layers[0].self_attention.linear_qkv
+    first.register_forward_hook(lambda mod, inp, out: (out[0].requires_grad_(True), out[1]))
+
+
+def published_targets(model):
+    """Freeze the base; the targets of the published formulation (q/k/v, gate/up one by one)."""
+    from megatron_hdpissa.apply import find_targets
+    from megatron_hdpissa.config import DEFAULT_TARGET_MODULES
+
+    set_trainable(model, False)
+    return find_targets(model, DEFAULT_TARGET_MODULES, tp_size=1, fused=False)
+
+
+def count_trainable(model, published=None) -> int:
+    if published is not None:
+        return sum(p.numel() for ad in published.adapters for p in ad.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def forward_backward(model, x, target, i, slices, loss_kind, n):
+    """Micro-batch i of n: forward (through local slice i % slices when there are several),
+    loss / n, backward; returns that loss."""
+    if slices > 1:
+        from megatron_hdpissa import active_slice
+
+        ctx = active_slice(model, i % slices)
+    else:
+        ctx = _null()
+    with ctx:
+        loss = loss_fn(loss_kind, model(x), target) / n
+        loss.backward()
+    return loss
 
 
 def run_worker(args) -> dict:
@@ -395,17 +545,12 @@ def run_worker(args) -> dict:
         torch.cuda.set_device(device)
     distributed.initialize(tensor_model_parallel_size=1, backend="nccl" if cuda else "gloo")
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    sync = device_sync(cuda)
     method = args.worker
     model = build_model(args, device, dtype)
     data = make_data(args, device, dtype)
     sync()
-    mem_base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mb()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    mem_base = memory_baseline(cuda)
 
     t_setup = time.perf_counter()
     agg_s, agg_acc, slices, opt, published = [], [0.0, 0.0], 1, None, None
@@ -433,39 +578,19 @@ def run_worker(args) -> dict:
                 LeanLoRA(module, adapter)
         opt = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     elif method == "full":
-        from megatron_hdpissa.baselines import DataParallelAdamW
-
-        for p in model.parameters():
-            p.requires_grad_(True)
-        opt = DataParallelAdamW(list(model.parameters()), lr=args.lr)
+        opt = make_full(model, args.lr)
     elif method == "floor":
-        # Frozen base, no trainable parameters: the backward graph starts at the output of the
-        # first linear (layer 0's linear_qkv), made a leaf that requires grad, so backward runs
-        # exactly the input-gradient GEMMs the adapter methods run (none of them needs the
-        # gradient of the model input itself).
-        for p in model.parameters():
-            p.requires_grad_(False)
-        first = model.decoder.layers[0].self_attention.linear_qkv
-        first.register_forward_hook(lambda mod, inp, out: (out[0].requires_grad_(True), out[1]))
+        make_floor(model)
     elif method == "published":
-        from megatron_hdpissa.apply import find_targets
-        from megatron_hdpissa.config import DEFAULT_TARGET_MODULES
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        targets = find_targets(model, DEFAULT_TARGET_MODULES, tp_size=1, fused=False)
-        adapters = [PublishedAdapter(t, args.rank, args.alpha / args.rank) for t in targets]
+        adapters = [PublishedAdapter(t, args.rank, args.alpha / args.rank) for t in published_targets(model)]
         published = PublishedOptimizer(adapters, lr=args.lr)
     else:
         raise ValueError(method)
     sync()
     setup_s = time.perf_counter() - t_setup
-    mem_setup = (torch.cuda.max_memory_allocated() / 2**20) if cuda else _rss_mb()
+    mem_setup = mem_mb(cuda)
 
-    if published is not None:
-        trainable = sum(p.numel() for ad in published.adapters for p in ad.parameters())
-    else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = count_trainable(model, published)
 
     slices_method = method.startswith("hd-pissa")
 
@@ -473,15 +598,7 @@ def run_worker(args) -> dict:
         sync()
         t0 = _now()
         for i, (x, target) in enumerate(data):
-            if slices > 1:
-                from megatron_hdpissa import active_slice
-
-                ctx = active_slice(model, i % slices)
-            else:
-                ctx = _null()
-            with ctx:
-                loss = loss_fn(args.loss, model(x), target) / len(data)
-                loss.backward()
+            loss = forward_backward(model, x, target, i, slices, args.loss, len(data))
         sync()
         t1 = _now()
         if opt is not None:
@@ -503,7 +620,7 @@ def run_worker(args) -> dict:
     series["agg"] = agg_s[args.warmup:]
     series["merge"] = published.merge_s[args.warmup:] if published is not None else []
 
-    mem_peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else _rss_mb()  # before profiling
+    mem_peak = mem_mb(cuda)  # before profiling
     profile = None
     if method in [m for m in args.profile.split(",") if m]:
         profile = run_profile(one_step, cuda)
@@ -615,11 +732,17 @@ MEMORY_NOTE = {
 }
 
 
-def run_method(method, argv, args) -> dict:
+def worker_env(threads: int) -> dict:
+    """The environment of a worker process: this one's, with the thread count set for OpenMP/MKL/BLAS."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(args.threads)
+        env[var] = str(threads)
     env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def run_method(method, argv, args) -> dict:
+    env = worker_env(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", method, "--worker-out", out]
@@ -717,6 +840,23 @@ def dp_projection(results: dict, args) -> dict | None:
     return out
 
 
+def describe_machine(info, threads="") -> str:
+    """The machine_info line of the tables, up to the device (threads: what follows the count)."""
+    return (f"{info['cpu']}, {info['logical_cores']} logical cores "
+            f"({info['cores_available']} available, 1-min load {fmt(info['load_avg_1m'], '.1f')} at start), "
+            f"torch threads {info['torch_threads']}{threads}, torch {info['torch']}, "
+            f"megatron-core {info['megatron_core']}, Python {info['python']}, device {info['device']}"
+            + (f" ({info['gpu']})" if info.get("gpu") else ""))
+
+
+def describe_model(args) -> str:
+    """`layers x [the four linears and the mixer, with their shapes]`."""
+    return (f"{args.layers} x [linear_qkv {args.hidden}->{(args.heads + 2 * args.groups) * args.head_dim} "
+            f"({args.heads} heads / {args.groups} groups, head dim {args.head_dim}), "
+            f"{args.mixer} mixer, linear_proj {args.heads * args.head_dim}->{args.hidden}, "
+            f"linear_fc1 {args.hidden}->{2 * args.ffn} (gate/up), linear_fc2 {args.ffn}->{args.hidden}]")
+
+
 def render_markdown(rows, info, args, command, projection) -> str:
     tokens = tokens_per_step(args)
     basis = args.basis
@@ -725,18 +865,10 @@ def render_markdown(rows, info, args, command, projection) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['logical_cores']} logical cores "
-        f"({info['cores_available']} available, 1-min load {fmt(info['load_avg_1m'], '.1f')} at start), "
-        f"torch threads {info['torch_threads']}, torch {info['torch']}, megatron-core {info['megatron_core']}, "
-        f"Python {info['python']}, device {info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
-        + f", dtype {info['dtype']}",
+        f"Machine: {describe_machine(info)}, dtype {info['dtype']}",
         "",
-        f"Model: {args.layers} x [linear_qkv {args.hidden}->{(args.heads + 2 * args.groups) * args.head_dim} "
-        f"({args.heads} heads / {args.groups} groups, head dim {args.head_dim}), "
-        f"{args.mixer} mixer, linear_proj {args.heads * args.head_dim}->{args.hidden}, "
-        f"linear_fc1 {args.hidden}->{2 * args.ffn} (gate/up), linear_fc2 {args.ffn}->{args.hidden}], "
-        f"r={args.rank}, alpha={args.alpha:g}, HD-PiSSA K={args.virtual_ranks} virtual ranks, "
-        f"{args.loss} loss.",
+        f"Model: {describe_model(args)}, r={args.rank}, alpha={args.alpha:g}, "
+        f"HD-PiSSA K={args.virtual_ranks} virtual ranks, {args.loss} loss.",
         f"Tokens per optimizer step: {args.micro_batch} x {args.seq} x {args.grad_accum} = {tokens}; "
         f"{args.warmup} warm-up + {args.iters} timed steps per method"
         + (f", {args.rounds} rounds (methods interleaved, each in a fresh process)" if args.rounds > 1
@@ -832,21 +964,46 @@ def render_markdown(rows, info, args, command, projection) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def start(argv, script, parse_args, run_worker):
+    """Parse argv (default: sys.argv[1:]). In a worker process (--worker): run it, write its
+    result to --worker-out and return None. In the driver: print the command line and the
+    machine; return (argv, args, command, machine info)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
         res = run_worker(args)
         with open(args.worker_out, "w") as f:
             json.dump(res, f)
-        return
-    rel = os.path.relpath(os.path.abspath(__file__), os.getcwd())
+        return None
+    rel = os.path.relpath(os.path.abspath(script), os.getcwd())
     command = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, os.getcwd())
                                                 if sys.executable.startswith(os.getcwd()) else sys.executable,
                                                 rel, *argv])
     info = machine_info(args)
     print(f"command: {command}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return argv, args, command, info
+
+
+def json_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("worker")}
+
+
+def write_files(args, md: str, record: dict, default=None) -> None:
+    """The markdown to --markdown-out and the record to --json-out, where given."""
+    if args.markdown_out:
+        with open(args.markdown_out, "w") as f:
+            f.write(md)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(record, f, indent=2, default=default)
+
+
+def main(argv=None):
+    started = start(argv, __file__, parse_args, run_worker)
+    if started is None:
+        return
+    argv, args, command, info = started
     print(f"tokens per optimizer step: {tokens_per_step(args)}")
     if tokens_per_step(args) < 8192:
         print("note: fewer than 8192 tokens per optimizer step; the LoRA target is stated at >= 8k")
@@ -872,15 +1029,9 @@ def main(argv=None):
     md = render_markdown(rows, info, args, command, projection)
     print()
     print(md)
-    if args.markdown_out:
-        with open(args.markdown_out, "w") as f:
-            f.write(md)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"command": command, "machine": info, "args": {k: v for k, v in vars(args).items()
-                                                                    if not k.startswith("worker")},
-                       "tokens_per_step": tokens_per_step(args), "results": rows,
-                       "dp_projection": projection}, f, indent=2)
+    write_files(args, md, {"command": command, "machine": info, "args": json_args(args),
+                           "tokens_per_step": tokens_per_step(args), "results": rows,
+                           "dp_projection": projection})
 
 
 if __name__ == "__main__":
