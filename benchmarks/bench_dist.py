@@ -224,14 +224,18 @@ def hd_formula(model, spec, dp: int) -> tuple[dict, dict]:
     deltas (all-gather input): per factor-path part, this rank's L slices of dA (r x n_loc) and
     dB (m_loc x r): L r (m_loc + n_loc) elements of the factor dtype (fp32). The all-gather's
     output is dp times that: K r (m_loc + n_loc), DESIGN.md section 3's per-layer figure.
-    dense (all-reduce buffer): per dense-path part, this rank's m_loc x n_loc update (fp32).
+    dense (all-reduce buffer): per dense-path part, this rank's m_loc x n_loc update (fp32); with
+    sharded-fp32 (reduce-scatter input): per weight with a dense-path part, its update in weight
+    rows padded to dp x ceil(m_w / dp) rows, x n_w (fp32).
     params (all-gather input, sharded-fp32): per targeted weight, this rank's padded row block
     ceil(m_w / dp) x n_w in the weight's dtype."""
     from megatron_hdpissa.apply import iter_adapters
 
     out = {"deltas": 0, "dense": 0, "params": 0}
     paths = {"factors": 0, "dense": 0}
+    sharded = spec["mode"] == "sharded-fp32" and dp > 1
     for _, module, ad in iter_adapters(model):
+        dense_weight = False
         for part in ad.parts:
             slices, m, r = ad.b[part.name].shape
             n = ad.a[part.name].shape[-1]
@@ -243,10 +247,14 @@ def hd_formula(model, spec, dp: int) -> tuple[dict, dict]:
             esize = ad.a[part.name].element_size()
             if path == "factors":
                 out["deltas"] += slices * r * (m + n) * esize
+            elif sharded:
+                dense_weight = True
             else:
                 out["dense"] += m * n * esize
+        m_w, n_w = module.weight.shape
+        if dense_weight:  # one reduce-scatter buffer per weight (4 bytes: fp32 updates)
+            out["dense"] += dp * -(-m_w // dp) * n_w * 4
         if spec["mode"] == "sharded-fp32":
-            m_w, n_w = module.weight.shape
             out["params"] += -(-m_w // dp) * n_w * module.weight.element_size()
     if dp == 1:
         out = {key: 0 for key in out}
@@ -311,7 +319,8 @@ def run_worker(args) -> dict:
         for name in AGG_METHODS:
             setattr(opt, name, bs._timed(getattr(opt, name), agg_acc, sync))
         formula, paths = hd_formula(model, spec, dp)
-        collectives = {"deltas": "all_gather", "dense": "all_reduce", "params": "all_gather"}
+        collectives = {"deltas": "all_gather", "params": "all_gather",
+                       "dense": "reduce_scatter" if spec["mode"] == "sharded-fp32" and dp > 1 else "all_reduce"}
     elif kind in ("lora", "pissa"):
         from megatron_hdpissa import HDPiSSAConfig
         from megatron_hdpissa.baselines import DataParallelAdamW, apply_lowrank
@@ -544,7 +553,7 @@ def combine(rounds: list[list[dict]], wall_s: float, args) -> dict:
     wire = 0.0
     for key, n in counted.items():  # a ring algorithm's bytes sent per rank
         op = res["collectives"].get(key)
-        wire += (dp - 1) * n if op == "all_gather" else 2 * (dp - 1) / dp * n
+        wire += {"all_gather": (dp - 1) * n, "reduce_scatter": (dp - 1) / dp * n}.get(op, 2 * (dp - 1) / dp * n)
     res["wire_bytes_est"] = wire
     res["payload_bytes"] = sum(dp * n if res["collectives"].get(k) == "all_gather" else n for k, n in counted.items())
     return res
@@ -673,7 +682,8 @@ def notes(results, args) -> list[str]:
         "(LoRA, PiSSA, full) trainable x 4 B (DataParallelAdamW's fp32 all-reduce); published 2 r (m + n) "
         "x 4 B (four all-gathers per projection: dA, dB and the factors A, B, as the published code) plus "
         "4 B per micro-batch (its loss all-reduce). With one DP rank nothing is sent: all zero.",
-        "- ring estimate: bytes a rank sends in a ring algorithm, (DP - 1) x input for an all-gather and "
+        "- ring estimate: bytes a rank sends in a ring algorithm, (DP - 1) x input for an all-gather, "
+        "(DP - 1) / DP x buffer for a reduce-scatter (the dense path with sharded-fp32) and "
         "2 (DP - 1) / DP x buffer for an all-reduce.",
         ("- peak memory: `torch.cuda.max_memory_allocated()` delta after `reset_peak_memory_stats()` once "
          "the base model and data were on the device; the largest of the ranks." if cuda else

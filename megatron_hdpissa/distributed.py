@@ -93,6 +93,10 @@ def initialize(
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
+    from . import ddp
+
+    ddp._SINGLETON_GROUP = None  # belongs to the process group destroyed below
+
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():

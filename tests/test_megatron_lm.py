@@ -88,7 +88,7 @@ def test_flags_compose_with_an_existing_provider_in_both_api_styles():
     with pytest.raises(RuntimeError, match="extra_args_provider"):
         megatron_lm.args_provider_api(pretrain_018, lambda ignore_unknown_args=False: None)
     try:  # megatron-core wheels from 0.17 on ship `megatron.training`; 0.16.1's does not
-        from megatron.training import arguments, training
+        from megatron.training import training
     except ImportError:
         with pytest.raises(ImportError):
             megatron_lm.args_provider_api()
