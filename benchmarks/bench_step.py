@@ -11,6 +11,7 @@ model weights and the same data (both drawn from fixed seeds). Run from the repo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -523,7 +524,7 @@ def forward_backward(model, x, target, i, slices, loss_kind, n):
 
         ctx = active_slice(model, i % slices)
     else:
-        ctx = _null()
+        ctx = contextlib.nullcontext()
     with ctx:
         loss = loss_fn(loss_kind, model(x), target) / n
         loss.backward()
@@ -664,14 +665,6 @@ def _timed(fn, acc, sync):
             acc[0] += wall
             acc[1] += cpu
     return wrapper
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_profile(one_step, cuda: bool, rows: int = 25) -> str:

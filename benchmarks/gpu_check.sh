@@ -178,7 +178,6 @@ if [ "$DRY" = 1 ]; then
     DEC_ARGS=(--shapes 256x256,512x256 --spectra gaussian,powerlaw --K 4 --rank 8 --reps 1 --threads 1)
     DIST_ARGS=(--dtype fp32 --nproc 1 --hidden 128 --ffn 352 --heads 4 --groups 2 --layers 1 --seq 64
                --grad-accum 2 --rank 4 --iters 1 --threads 1)
-    TEST_BACKEND=${HDPISSA_TEST_BACKEND:-gloo}
     CAP_TESTS=90 CAP_STEP=90 CAP_DEC=60 CAP_DIST=90
 else
     DEV=(--device cuda)
@@ -192,7 +191,6 @@ else
                --threads 8)
     STEP_METHODS=${GPU_CHECK_STEP_METHODS:-}  # empty: each benchmark's default list
     DIST_METHODS=${GPU_CHECK_DIST_METHODS:-}
-    TEST_BACKEND=${HDPISSA_TEST_BACKEND:-nccl}
     CAP_TESTS=100 CAP_STEP=180 CAP_DEC=120 CAP_DIST=160
 fi
 
@@ -201,14 +199,14 @@ stage_tests() {  # the GPU tests (tests/test_cuda.py and any test named/marked f
         printf 'tests\tskipped (no cuda tests)\t0\t-\n' >>"$WORK/stages.tsv"; return
     fi
     echo "cuda/gpu tests: ${CUDA_NODES[*]}" | tee -a "$OUT/tests.log"
-    HDPISSA_TEST_BACKEND=$TEST_BACKEND run_stage tests "$CAP_TESTS" tests.log \
+    run_stage tests "$CAP_TESTS" tests.log \
         "$PY" -m pytest -v --tb=short -x -rfE -m "not slow" -p no:cacheprovider --durations=10 \
         "${PYTEST_K[@]}" "${CUDA_NODES[@]}"
 }
 
 stage_tests_cpu() {  # the multi-rank gloo tests against megatron-core 0.19.2, CUDA hidden
     [ ${#TEST_FILES[@]} -eq 0 ] && return
-    CUDA_VISIBLE_DEVICES= HDPISSA_TEST_BACKEND=gloo run_stage tests-cpu 120 tests.log \
+    CUDA_VISIBLE_DEVICES= run_stage tests-cpu 120 tests.log \
         "$PY" -m pytest -v --tb=short -x -rfE -m "not slow" -p no:cacheprovider \
         "${PYTEST_K[@]}" "${TEST_FILES[@]}"
 }

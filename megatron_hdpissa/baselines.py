@@ -7,14 +7,13 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .adapter import COLUMN, ROW
 from .apply import check_components, find_targets, freeze_base
 from .config import HDPiSSAConfig
 from .decomposition import Unit, decompose_units
-from .distributed import ParallelGroups
+from .distributed import ParallelGroups, average_over_dp_, squared_norms
 
 LORA, PISSA = "lora", "pissa"
 
@@ -191,26 +190,13 @@ class DataParallelAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        g = self.groups
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        self.last_step_bytes = 0
-        if g.dp_size > 1 and grads:
-            flat = torch.cat([x.reshape(-1).float() for x in grads])
-            dist.all_reduce(flat, group=g.dp_group)
-            flat.div_(g.dp_size)
-            self.last_step_bytes = flat.numel() * flat.element_size()
-            off = 0
-            for x in grads:
-                x.copy_(flat[off:off + x.numel()].view_as(x))
-                off += x.numel()
+        self.last_step_bytes = average_over_dp_(grads, self.groups)
         if self.clip_grad > 0 and grads:
-            sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device)  # [TP shards, replicated]
-            for p, x in zip(params, grads):
-                sq[0 if getattr(p, "tensor_model_parallel", False) else 1] += x.double().pow(2).sum()
-            if g.tp_size > 1:
-                dist.all_reduce(sq[:1], group=g.tp_group)
-            self.last_grad_norm = float(sq.sum().sqrt())
+            sq = squared_norms([[(bool(getattr(p, "tensor_model_parallel", False)), x)
+                                 for p, x in zip(params, grads)]], self.groups)
+            self.last_grad_norm = float(sq[0].sqrt())
             coef = self.clip_grad / (self.last_grad_norm + 1e-6)
             if coef < 1.0:
                 for x in grads:

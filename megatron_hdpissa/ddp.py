@@ -121,25 +121,25 @@ def factor_gradient_prescale(ddp) -> float:
     return scales.pop() if scales else 1.0
 
 
-def build_others_optimizer(ddp, lr: float, weight_decay: float, betas, eps: float,
-                           use_megatron: str = "auto"):
+def build_others_optimizer(ddp, lr: float, weight_decay: float, betas, eps: float, choice: str = "auto"):
     """megatron-core's optimizer (`get_megatron_optimizer`) over the ordinary trainable
-    parameters of a DDP-wrapped model, the factors left out; None when there are none, or when
-    `use_megatron` is "auto" and megatron-core's optimizer cannot run here (low-precision
-    parameters without CUDA: its mixed-precision path checks for CUDA tensor types).
+    parameters of a DDP-wrapped model, the factors left out. None (the built-in AdamW steps them)
+    when there are none, when `choice` is "builtin", or when it is "auto" and megatron-core's
+    optimizer cannot run here (low-precision parameters without CUDA: its mixed-precision path
+    checks for CUDA tensor types). `choice` "megatron" insists.
 
     It is built without clipping and without a loss scaler: `HDPiSSAOptimizer` unscales, checks
     for overflow and clips the gradients of all parameters together (the factors' differ per
     rank, so those decisions need all ranks) before it calls this optimizer's `step()`.
     """
-    if use_megatron not in ("auto", "always", "never"):
-        raise ValueError(f"--hd-pissa-megatron-optimizer must be auto, always or never, got {use_megatron!r}")
+    if choice not in ("auto", "megatron", "builtin"):
+        raise ValueError(f"--hd-pissa-others-optimizer must be auto, megatron or builtin, got {choice!r}")
     factors = {id(p) for p in factor_parameters(ddp.module)}
     others = [p for p in ddp.module.parameters() if p.requires_grad and id(p) not in factors]
-    if not others or use_megatron == "never":
+    if not others or choice == "builtin":
         return None
     low_precision = any(p.dtype in (torch.float16, torch.bfloat16) for p in others)
-    if use_megatron == "auto" and low_precision and not torch.cuda.is_available():
+    if choice == "auto" and low_precision and not torch.cuda.is_available():
         return None
     ensure_cpu_compat()
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -38,6 +38,42 @@ class ParallelGroups:
         )
 
 
+def average_over_dp_(grads: list[torch.Tensor], groups: ParallelGroups) -> int:
+    """Average gradients over the data-parallel group in place, with one flat fp32 all-reduce.
+    Returns the bytes handed to the collective (0 with one DP rank)."""
+    if groups.dp_size == 1 or not grads:
+        return 0
+    flat = torch.cat([x.reshape(-1).float() for x in grads])
+    dist.all_reduce(flat, group=groups.dp_group)
+    flat.div_(groups.dp_size)
+    off = 0
+    for x in grads:
+        x.copy_(flat[off:off + x.numel()].view_as(x))
+        off += x.numel()
+    return flat.numel() * flat.element_size()
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    low = x.dtype in (torch.float16, torch.bfloat16)  # accumulate and return in fp32 at least
+    return torch.linalg.vector_norm(x, dtype=torch.float32 if low else None)
+
+
+def squared_norms(tensor_lists: list[list[tuple[bool, torch.Tensor]]], groups: ParallelGroups) -> torch.Tensor:
+    """Sum of squares of each list of (is a TP shard, tensor): TP shards summed over the TP group
+    (one all-reduce for all lists), tensors replicated over TP counted once. Float64, one entry
+    per list; non-finite where any tensor (on any TP rank, for shards) is."""
+    device = next((x.device for pairs in tensor_lists for _, x in pairs), None)
+    sq = torch.zeros(2, len(tensor_lists), dtype=torch.float64, device=device)  # [shards; replicas]
+    for i, pairs in enumerate(tensor_lists):
+        for row, want in ((0, True), (1, False)):
+            norms = [_norm(x) for shard, x in pairs if shard == want]
+            if norms:
+                sq[row, i] = torch.stack(norms).double().square().sum()
+    if groups.tp_size > 1:
+        dist.all_reduce(sq[0], group=groups.tp_group)
+    return sq.sum(0)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

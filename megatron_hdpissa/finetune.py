@@ -12,6 +12,7 @@ step), evaluation, checkpoints and the merged Hugging Face export.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -486,6 +487,8 @@ def main(argv=None) -> dict:
     stop = StopSignal()
     model.train()
     tokens_per_step = global_batch * args.seq_length
+    ddp = train_model if train_model is not model else None
+    scale_loss = getattr(optimizer, "scale_loss", lambda x: x)  # fp16: the loss scale
     it = start
     last_log = time.time()
     try:
@@ -494,15 +497,13 @@ def main(argv=None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = torch.zeros(2, dtype=torch.float64)
-            ddp = train_model if train_model is not model else None
-            scale_loss = getattr(optimizer, "scale_loss", lambda x: x)
             for v in range(slices):
-                ctx = active_slice(model, v) if args.peft == "hd-pissa" else _null()
+                ctx = active_slice(model, v) if args.peft == "hd-pissa" else contextlib.nullcontext()
                 with ctx:
                     for i in range(micro_per_slice):
                         last = v == slices - 1 and i == micro_per_slice - 1
                         # megatron DDP: reduce gradients only after the step's last micro-batch
-                        sync = ddp.no_sync() if ddp is not None and not last else _null()
+                        sync = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
                         with sync:
                             loss_sum, count = micro_batch_loss(train_model, next(iterators[v]), device)
                             loss = loss_sum / count.clamp(min=1)
@@ -580,14 +581,6 @@ def main(argv=None) -> dict:
     if args.export_hf:
         export_merged_hf(model, groups, base_dir, args.export_hf, args.peft, log)
     return results
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cli(argv=None) -> None:

@@ -42,8 +42,8 @@ checks that DDP did not take them (no `main_grad`).
 What Megatron-LM gets from the optimizer hook (`MegatronHDPiSSAOptimizer`): `step()` returns
 `(update_successful, grad_norm, num_zeros_in_grad)`; a non-finite gradient on any rank skips the
 step on all ranks. `grad_norm` is the global norm over every data-parallel rank's factors (and
-any other trainable parameters), which `--clip-grad` clips, one coefficient on every rank. `zero_grad`, `param_groups` (for the LR scheduler),
-`scale_loss`/`get_loss_scale` (fp32: scale 1), `reload_model_params` (nothing to refresh: no
+any other trainable parameters), which `--clip-grad` clips, one coefficient on every rank.
+`zero_grad`, `param_groups` (for the LR scheduler), `scale_loss`/`get_loss_scale` (fp32: scale 1), `reload_model_params` (nothing to refresh: no
 fp32 copies are kept), `state_dict`/`load_state_dict` and `sharded_state_dict` (`torch_dist`).
 
 Checkpoints: the model state dict is the base model's (updated `W`, no adapter keys), so every

@@ -12,7 +12,7 @@ from torch import nn
 from .adapter import HDPiSSAAdapter
 from .apply import iter_adapters
 from .ddp import build_others_optimizer, factor_gradient_prescale, is_megatron_ddp
-from .distributed import ParallelGroups
+from .distributed import ParallelGroups, average_over_dp_, squared_norms
 
 
 @dataclass
@@ -152,15 +152,13 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         # DDP pre-scales the factors' gradients by 1/dp (it assumes a DP-averaged loss): undo it
         self._factor_grad_unscale = 1.0 / factor_gradient_prescale(self.ddp) if self.ddp is not None else 1.0
-        if others_optimizer not in ("auto", "megatron", "builtin"):
-            raise ValueError(f"others_optimizer must be auto, megatron or builtin, got {others_optimizer!r}")
         if others_optimizer == "megatron" and self.ddp is None:
             raise ValueError("others_optimizer='megatron' needs a model wrapped with megatron_hdpissa.ddp.wrap_ddp")
         self.others_optimizer = None  # megatron-core's optimizer for the non-factor parameters
-        if others and self.ddp is not None and others_optimizer != "builtin":
-            self.others_optimizer = build_others_optimizer(
-                self.ddp, lr, weight_decay, betas, eps,
-                use_megatron="always" if others_optimizer == "megatron" else "auto")
+        if self.ddp is not None:
+            self.others_optimizer = build_others_optimizer(self.ddp, lr, weight_decay, betas, eps, others_optimizer)
+        elif others_optimizer not in ("auto", "builtin"):
+            raise ValueError(f"others_optimizer must be auto, megatron or builtin, got {others_optimizer!r}")
         self._choose_paths()
         self._weight_position = {id(w): i for i, w in enumerate(self._weights())}
         self.masters: list[_Master] = []
@@ -285,52 +283,17 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         (fp16), as megatron-core's `optimizer.scale_loss`."""
         return loss * self.grad_scaler.scale if self.grad_scaler is not None else loss
 
-    def _reduce_others(self, grads: list[torch.Tensor]) -> None:
-        """Average the ordinary parameters' gradients over DP (unless megatron-core DDP did)."""
-        g = self.groups
-        if self.ddp is not None or g.dp_size == 1 or not grads:
-            return
-        flat = torch.cat([x.reshape(-1).float() for x in grads])
-        dist.all_reduce(flat, group=g.dp_group)
-        flat.div_(g.dp_size)
-        off = 0
-        for x in grads:
-            x.copy_(flat[off:off + x.numel()].view_as(x))
-            off += x.numel()
-
-    def _found_inf(self, grads: list[torch.Tensor]) -> bool:
-        """Any non-finite gradient on ANY rank: the factors differ per DP rank, so one rank's
-        overflow must make every rank skip (the merged update needs every rank's deltas)."""
-        flag = torch.zeros(1, device=grads[0].device if grads else None)
-        for x in grads:
-            if not bool(torch.isfinite(x).all()):
-                flag.fill_(1.0)
-                break
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def _grad_norm(self, factor_grads, other_params, other_grads) -> float:
         """L2 norm of the gradient of the whole HD-PiSSA model: every DP rank's factors (each
-        rank's own) and the ordinary parameters (DP-averaged, counted once). Tensor-parallel
-        shards are summed over TP; tensors replicated over TP are counted once."""
+        rank's own) and the ordinary parameters (DP-averaged, counted once), TP shards summed
+        over TP. The same value on every rank; non-finite if any rank's gradient is."""
         g = self.groups
-        dev = factor_grads[0][1].device if factor_grads else None
-        # [factor sharded over TP, factor replicated, other sharded, other replicated]
-        sq = torch.zeros(4, dtype=torch.float64, device=dev)
-        for sharded, x in factor_grads:
-            sq[0 if sharded else 1] += x.double().pow(2).sum()
-        for p, x in zip(other_params, other_grads):
-            sharded = bool(getattr(p, "tensor_model_parallel", False))
-            sq[2 if sharded else 3] += x.double().pow(2).sum()
-        if g.tp_size > 1:
-            shard = sq[[0, 2]].clone()
-            dist.all_reduce(shard, group=g.tp_group)
-            sq[0], sq[2] = shard[0], shard[1]
-        factors = (sq[0] + sq[1]).reshape(1)
+        others = [(bool(getattr(p, "tensor_model_parallel", False)), x) for p, x in zip(other_params, other_grads)]
+        sq = squared_norms([factor_grads, others], g)
+        factors = sq[:1].clone()
         if g.dp_size > 1:
             dist.all_reduce(factors, group=g.dp_group)
-        return float((factors[0] + sq[2] + sq[3]).sqrt())
+        return float((factors[0] + sq[1]).sqrt())
 
     def _factor_grads(self):
         """(is sharded over TP, gradient) for each factor that received a gradient; the column-
@@ -359,25 +322,22 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         others = [p for gr in self.param_groups if not gr["hd_pissa"] for p in gr["params"]]
         other_pairs = [(p, self._grad(p, factor=False)) for p in others]
         other_pairs = [(p, x) for p, x in other_pairs if x is not None]
-        self._reduce_others([x for _, x in other_pairs])
+        if self.ddp is None:  # megatron-core DDP has averaged them already
+            average_over_dp_([x for _, x in other_pairs], self.groups)
         all_grads = [x for _, _, x in factor_grads] + [x for _, x in other_pairs]
         self.last_step_skipped = False
         if self.grad_scaler is not None:
             inv = float(self.grad_scaler.inv_scale)
             for x in all_grads:
                 x.mul_(inv)
-            found_inf = self._found_inf(all_grads)
-            self.grad_scaler.update(found_inf)
-            if found_inf:  # every rank skips this step; the loss scale backs off
-                self.last_step_skipped = True
-                self.skipped_steps += 1
-                self.last_grad_norm = None
-                return loss
         if self.clip_grad > 0 or self.grad_scaler is not None or self.track_grad_norm:
             norm = self._grad_norm([(sh, x) for _, sh, x in factor_grads], [p for p, _ in other_pairs],
                                    [x for _, x in other_pairs])
             self.last_grad_norm = norm
-            if not math.isfinite(norm):  # the same (global) norm on every rank: all skip
+            finite = math.isfinite(norm)  # global: an overflow on any rank shows on every rank
+            if self.grad_scaler is not None:
+                self.grad_scaler.update(not finite)
+            if not finite:  # every rank skips: the merged update needs every rank's deltas
                 self.last_step_skipped = True
                 self.skipped_steps += 1
                 return loss
