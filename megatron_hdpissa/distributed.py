@@ -20,6 +20,18 @@ class ParallelGroups:
     tp_size: int
     dp_rank: int
     dp_size: int
+    # Pipeline stage of this rank; DP and TP groups above are those of this stage.
+    pp_group: dist.ProcessGroup | None = None
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
     @classmethod
     def from_megatron(cls) -> "ParallelGroups":
@@ -35,6 +47,9 @@ class ParallelGroups:
             tp_size=ps.get_tensor_model_parallel_world_size(),
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
+            pp_group=ps.get_pipeline_model_parallel_group(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
         )
 
 

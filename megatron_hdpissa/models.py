@@ -215,6 +215,59 @@ def validate_tp(config: ModelConfig, tp_size: int) -> None:
             )
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def parallelism_overrides(
+    tp_size: int,
+    seq_length: int,
+    num_layers: int,
+    *,
+    pp_size: int = 1,
+    sequence_parallel: bool = False,
+    recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
+    recompute_modules: list[str] | None = None,
+) -> dict:
+    """`TransformerConfig` overrides for sequence parallelism and activation recompute, checked
+    up front so bad input fails naming Megatron-LM's flag rather than deep inside megatron-core."""
+    if sequence_parallel and tp_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards the "
+                         "sequence over the tensor-parallel group)")
+    if sequence_parallel and seq_length % tp_size:
+        raise ValueError(f"--sequence-parallel: --seq-length {seq_length} is not divisible by "
+                         f"--tensor-model-parallel-size {tp_size}")
+    out: dict = {"sequence_parallel": bool(sequence_parallel)}
+    if recompute_granularity is None:
+        if recompute_method is not None or recompute_num_layers is not None:
+            raise ValueError("--recompute-method / --recompute-num-layers need --recompute-granularity")
+        return out
+    if recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"--recompute-granularity {recompute_granularity!r}: choose from "
+                         f"{', '.join(RECOMPUTE_GRANULARITIES)}")
+    out["recompute_granularity"] = recompute_granularity
+    if recompute_granularity == "selective":
+        if recompute_method is not None or recompute_num_layers is not None:
+            raise ValueError("--recompute-granularity selective takes no --recompute-method or "
+                             "--recompute-num-layers (megatron-core recomputes the chosen submodules "
+                             "of every layer; pick them with --recompute-modules)")
+        if recompute_modules:
+            out["recompute_modules"] = list(recompute_modules)
+        return out
+    if recompute_method not in RECOMPUTE_METHODS:
+        raise ValueError(f"--recompute-granularity full needs --recompute-method "
+                         f"{' or '.join(RECOMPUTE_METHODS)}, got {recompute_method!r}")
+    layers_per_stage = num_layers // max(pp_size, 1)
+    n = 1 if recompute_num_layers is None else recompute_num_layers
+    if not 1 <= n <= layers_per_stage:
+        raise ValueError(f"--recompute-num-layers {n} must be between 1 and the {layers_per_stage} "
+                         f"layers of a pipeline stage")
+    out.update(recompute_method=recompute_method, recompute_num_layers=n)
+    return out
+
+
 def transformer_config(
     config: ModelConfig, tp_size: int = 1, dtype: torch.dtype = torch.float32, **overrides
 ):
