@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from megatron_hdpissa.distributed import free_port
 
 
-def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo"):
+def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo", pp=1):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -21,7 +21,7 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo"):
     from megatron_hdpissa import distributed
 
     try:
-        distributed.initialize(tensor_model_parallel_size=tp, backend=backend)
+        distributed.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend=backend)
         result = fn(*args)
         error = None
     except BaseException:  # noqa: BLE001 - shipped back to the parent test
@@ -34,13 +34,14 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo"):
         pass
 
 
-def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = (), backend: str = "gloo") -> list:
+def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = (), backend: str = "gloo",
+                    pp: int = 1) -> list:
     """Spawn `world_size` processes, run `fn(*args)` in each after megatron-core initialisation
-    with tensor parallel size `tp`, and return the per-rank results (re-raising any failure)."""
+    with tensor / pipeline parallel sizes `tp` / `pp`, and return the per-rank results (re-raising any failure)."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, tp, free_port(), fn, args, out_dir, backend),
+            args=(world_size, tp, free_port(), fn, args, out_dir, backend, pp),
             nprocs=world_size,
             join=True,
             start_method="spawn",
