@@ -19,9 +19,28 @@ def _tp_all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+# Sequence parallelism: activations are sequence-first ([s, b, h]), so flattening to (s*b, h)
+# keeps each TP rank's sequence shard a contiguous block of rows; these thin collectives act on
+# those row blocks (tokens x r), never on the tokens x hidden activations.
+def _seq_all_gather(t: torch.Tensor, group, tp_size: int) -> torch.Tensor:
+    out = t.new_empty((t.shape[0] * tp_size, *t.shape[1:]))
+    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    return out
+
+
+def _seq_reduce_scatter(t: torch.Tensor, group, tp_size: int) -> torch.Tensor:
+    out = t.new_empty((t.shape[0] // tp_size, *t.shape[1:]))
+    dist.reduce_scatter_tensor(out, t.contiguous(), group=group)
+    return out
+
+
 class _FactorGrad(torch.autograd.Function):
     """Identity on the base output; its backward turns dY and X into the factor gradients
     g_A = s (dY B)^T X and g_B = s dY^T (X A^T) without forming any m x n matrix.
+
+    X is what the layer received, saved as the same tensor the base layer saves (no extra
+    activation memory): under sequence parallelism that is the local sequence shard x_l for a
+    column-parallel layer; a row-parallel layer gets all tokens and the hook sees dy_l.
 
     Inputs after (out, x, adapter): the active slice's factors, a_0, b_0, a_1, b_1, ... per part.
     """
@@ -51,14 +70,23 @@ class _FactorGrad(torch.autograd.Function):
         b_list = [f.to(compute_dtype) for f in factors[1::2]]
         r = ad.rank
         grads = []
+        sp = ad.sequence_parallel and ad.tp_size > 1
         if ad.kind == COLUMN:
             # u = dY B (tokens x P r) summed over TP shards of B's rows; v = X A^T is local.
             a_cat = torch.cat(a_list, 0) if len(a_list) > 1 else a_list[0]
             v = x2 @ a_cat.t()
             dy_parts = [p.select_cols(dy2) for p in ad.parts]
             u = torch.cat([dyp @ b for dyp, b in zip(dy_parts, b_list)], 1)
-            _tp_all_reduce(u, ad.tp_group)
-            g_a_cat = (u.t() @ x2).mul_(s)
+            if sp:
+                # X is sequence-sharded: v over all tokens is an all-gather of x_l A^T; g_A sums
+                # u^T X over TP ranks and sequence shards: reduce-scatter u to this rank's
+                # tokens, u_l^T x_l, then one r x n all-reduce over TP.
+                v = _seq_all_gather(v, ad.tp_group, ad.tp_size)
+                u = _seq_reduce_scatter(u, ad.tp_group, ad.tp_size)
+                g_a_cat = _tp_all_reduce(u.t() @ x2, ad.tp_group).mul_(s)
+            else:
+                _tp_all_reduce(u, ad.tp_group)
+                g_a_cat = (u.t() @ x2).mul_(s)
             for i, dyp in enumerate(dy_parts):
                 g_a = g_a_cat[i * r:(i + 1) * r]
                 g_b = (dyp.t() @ v[:, i * r:(i + 1) * r]).mul_(s)
@@ -67,9 +95,18 @@ class _FactorGrad(torch.autograd.Function):
             # Row-parallel: X and A are sharded along n, so v = X A^T needs a TP sum.
             (a,), (b,) = a_list, b_list
             u = dy2 @ b
-            v = _tp_all_reduce(x2 @ a.t(), ad.tp_group)
-            g_a = (u.t() @ x2).mul_(s)
-            g_b = (dy2.t() @ v).mul_(s)
+            if sp:
+                # The output was reduce-scattered along the sequence, so dy is this rank's
+                # tokens: dY B over all tokens is an all-gather of dy_l B; X A^T summed over TP
+                # is reduce-scattered to these tokens, then dy_l^T v_l summed over TP (m x r).
+                u = _seq_all_gather(u, ad.tp_group, ad.tp_size)
+                v = _seq_reduce_scatter(x2 @ a.t(), ad.tp_group, ad.tp_size)
+                g_a = (u.t() @ x2).mul_(s)
+                g_b = _tp_all_reduce(dy2.t() @ v, ad.tp_group).mul_(s)
+            else:
+                v = _tp_all_reduce(x2 @ a.t(), ad.tp_group)
+                g_a = (u.t() @ x2).mul_(s)
+                g_b = (dy2.t() @ v).mul_(s)
             grads += [g_a.to(factors[0].dtype), g_b.to(factors[1].dtype)]
         return (d_out, None, None, *grads)
 
@@ -98,6 +135,7 @@ class HDPiSSAAdapter(nn.Module):
         tp_rank: int,
         tp_size: int,
         gather_output: bool = False,
+        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.layer_name = layer_name
@@ -112,6 +150,10 @@ class HDPiSSAAdapter(nn.Module):
         self.tp_rank = tp_rank
         self.tp_size = tp_size
         self.gather_output = gather_output
+        if sequence_parallel and gather_output:
+            raise ValueError(f"{layer_name}: gather_output with sequence parallelism is not a "
+                             "megatron-core layout the adapter supports")
+        self.sequence_parallel = sequence_parallel
         self.scatter_input = False
         self.active_slice = 0
         self.a = nn.ParameterDict()

@@ -8,11 +8,12 @@ is 1e-3 of the largest singular value. Spectra are computed in float64.
 Inputs, auto-detected per path:
   * a Hugging Face folder (`config.json` + `*.safetensors`), e.g. the trainer's `--export-hf`
     output, which is always merged;
-  * a Megatron checkpoint folder (`latest_checkpointed_iteration.txt`, TP shards merged on
-    load, names mapped to HF names by `conversion.hf_tensors_from_megatron`). For a `--save`
-    folder of a `--peft lora` / `pissa` run the shards hold `W_res` (LoRA: the frozen `W_0`),
-    so the adapter factors of DP rank 0 (`iter_*/hd_pissa/dp_000_tp_*.pt`, key `adapter`) are
-    merged here as `W_res + s B A` with `s = alpha / r` from the checkpoint's `meta.json`.
+  * a Megatron checkpoint folder (`latest_checkpointed_iteration.txt`, TP shards and pipeline
+    stages merged on load, names mapped to HF names by `conversion.hf_tensors_from_megatron`).
+    For a `--save` folder of a `--peft lora` / `pissa` run the shards hold `W_res` (LoRA: the
+    frozen `W_0`), so the adapter factors of DP rank 0 (`iter_*/hd_pissa/`, one file per TP rank
+    and pipeline stage as `checkpointing.rank_file` names it, key `adapter`, layers numbered
+    per stage) are merged here as `W_res + s B A` with `s = alpha / r` from `meta.json`.
     HD-PiSSA and full fine-tuning checkpoints already hold the updated `W`.
 """
 from __future__ import annotations
@@ -135,8 +136,10 @@ def open_checkpoint(path, merge_adapters: bool = True) -> Checkpoint:
 
     info = read_checkpoint_info(path)
     config = ModelConfig.load(path)
-    shards = [dict(load_megatron_state_dict(path, r, info.tp_size)) for r in range(info.tp_size)]
-    ckpt = Checkpoint(path, "megatron", config.num_layers, f"Megatron checkpoint (TP={info.tp_size}, "
+    # pp_size=1: each TP rank's stages merged into the whole model, layers numbered globally
+    shards = [dict(load_megatron_state_dict(path, r, info.tp_size, pp_size=1)) for r in range(info.tp_size)]
+    parallel = f"TP={info.tp_size}" + (f", PP={info.pp_size}" if info.pp_size > 1 else "")
+    ckpt = Checkpoint(path, "megatron", config.num_layers, f"Megatron checkpoint ({parallel}, "
                       f"iteration {info.iteration})", _shards=shards, _config=config,
                       dtype=shards[0]["embedding.word_embeddings.weight"].dtype)
     meta = _training_meta(path)
@@ -145,7 +148,7 @@ def open_checkpoint(path, merge_adapters: bool = True) -> Checkpoint:
         ckpt.description += f", --peft {peft} training checkpoint"
         if peft in ("lora", "pissa"):
             if merge_adapters:
-                n = merge_lowrank_factors(shards, config, path, info.iteration, meta)
+                n = merge_lowrank_factors(shards, config, path, info.iteration, meta, pp_size=info.pp_size)
                 ckpt.description += f" (W_res + s B A merged from {n} adapter factor pairs)"
             else:
                 ckpt.notes.append(f"{path} holds W_res of a --peft {peft} run and its factors were NOT "
@@ -168,22 +171,46 @@ def _training_meta(path: Path) -> Optional[dict]:
     return checkpointing.read_meta(path) if checkpointing.is_training_checkpoint(path) else None
 
 
-def merge_lowrank_factors(shards: list, config, path: Path, iteration, meta: dict) -> int:
+def _adapter_state(path: Path, iteration, config, tp_rank: int, tp_size: int, pp_size: int) -> tuple[dict, str]:
+    """DP rank 0's adapter parameters of TP rank `tp_rank`, all pipeline stages merged (layers
+    renumbered globally), and the file(s) they came from."""
+    from .checkpointing import rank_file
+    from .conversion import iteration_dir_name, merge_pipeline_stages
+    from .distributed import ParallelGroups
+
+    iter_dir = path / iteration_dir_name(iteration)
+    stages, files = [], []
+    for p in range(pp_size):
+        groups = ParallelGroups(None, None, tp_rank=tp_rank, tp_size=tp_size, dp_rank=0, dp_size=1,
+                                pp_rank=p, pp_size=pp_size)
+        file = rank_file(iter_dir, groups)
+        legacy = iter_dir / "hd_pissa" / f"dp_000_tp_{tp_rank:02d}.pt"  # saved before pipeline support
+        if not file.is_file() and pp_size == 1 and legacy.is_file():
+            file = legacy
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: cannot merge the adapter factors of TP rank "
+                                    f"{tp_rank}" + (f", pipeline stage {p}" if pp_size > 1 else ""))
+        if file in files:
+            raise ValueError(f"{file}: checkpointing.rank_file names one adapter file for all "
+                             f"{pp_size} pipeline stages")
+        stages.append(torch.load(file, map_location="cpu", weights_only=True)["adapter"])
+        files.append(file)
+    return merge_pipeline_stages(stages, config), ", ".join(str(f) for f in files)
+
+
+def merge_lowrank_factors(shards: list, config, path: Path, iteration, meta: dict, pp_size: int = 1) -> int:
     """Add `s B A` of every LoRA/PiSSA adapter (DP rank 0's factors; the baselines keep them
-    identical on all DP ranks) into the TP shards' base weights, in place. Returns the number
-    of factor pairs merged."""
+    identical on all DP ranks) into the TP shards' base weights (whole-model state dicts,
+    global layer numbering), in place. `pp_size`: pipeline stages the adapter files were saved
+    in. Returns the number of factor pairs merged."""
     from . import layout
     from .config import HDPiSSAConfig
-    from .conversion import iteration_dir_name
 
     scale = HDPiSSAConfig.from_dict(meta["config"]).scale
     tp = len(shards)
     merged = 0
     for t in range(tp):
-        file = path / iteration_dir_name(iteration) / "hd_pissa" / f"dp_000_tp_{t:02d}.pt"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing: cannot merge the adapter factors of TP rank {t}")
-        adapter = torch.load(file, map_location="cpu", weights_only=True)["adapter"]
+        adapter, file = _adapter_state(path, iteration, config, t, tp, pp_size)
         for key_a in sorted(k for k in adapter if ".lora.a." in k):
             layer, part = key_a.split(".lora.a.")
             a, b = adapter[key_a].double(), adapter[f"{layer}.lora.b.{part}"].double()

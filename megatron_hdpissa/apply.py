@@ -14,6 +14,7 @@ from .adapter import COLUMN, ROW, HDPiSSAAdapter, attach
 from .config import HDPiSSAConfig
 from .decomposition import Unit, decompose_units, fill_hd_pissa
 from .distributed import ParallelGroups
+from .recompute import ensure_block_input_requires_grad
 
 
 def _parallel_linear_types():
@@ -97,8 +98,6 @@ def find_targets(model: nn.Module, patterns: Sequence[str], tp_size: int, fused:
 
 
 def _target(name: str, module: nn.Module, kind: str, tp: int, fused: bool) -> Target:
-    if getattr(module, "sequence_parallel", False) or getattr(module.config, "sequence_parallel", False):
-        raise NotImplementedError(f"{name}: sequence parallelism is not supported by the adapters yet")
     if module.weight is None:
         raise ValueError(f"{name}: layer has no weight (skip_weight_param_allocation)")
     m_full, n_full = module.output_size, module.input_size
@@ -155,6 +154,7 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
             in_features_local=t.in_local, part_rows_local=t.rows_local, tp_group=groups.tp_group,
             tp_rank=groups.tp_rank, tp_size=groups.tp_size,
             gather_output=bool(getattr(module, "gather_output", False)),
+            sequence_parallel=bool(getattr(module, "sequence_parallel", False)),
         ).to(device=module.weight.device)
         adapter.scatter_input = t.kind == ROW and not getattr(module, "input_is_parallel", True)
         attach(module, adapter)
@@ -163,6 +163,7 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
             module.bias.requires_grad_(matches(t.name + ".bias", config.trainable_modules))
     model.hd_pissa_config = config
     model.hd_pissa_groups = groups
+    ensure_block_input_requires_grad(model)
     if decompose:
         decompose_hd_pissa(model, progress=progress)
     return model

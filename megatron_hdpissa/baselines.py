@@ -14,6 +14,7 @@ from .apply import check_components, find_targets, freeze_base
 from .config import HDPiSSAConfig
 from .decomposition import Unit, decompose_units
 from .distributed import ParallelGroups, average_over_dp_, squared_norms
+from .recompute import ensure_block_input_requires_grad
 
 LORA, PISSA = "lora", "pissa"
 
@@ -23,11 +24,12 @@ class LowRankAdapter(nn.Module):
     child of the base layer; the forward hook adds `s B A x` with megatron-core's TP mappings."""
 
     def __init__(self, layer_name, kind, parts, rank, scale, in_local, rows_local, tp_group, tp_size,
-                 gather_output):
+                 gather_output, sequence_parallel=False):
         super().__init__()
         self.layer_name, self.kind, self.parts = layer_name, kind, parts
         self.rank, self.scale = rank, scale
         self.tp_group, self.tp_size, self.gather_output = tp_group, tp_size, gather_output
+        self.sequence_parallel = sequence_parallel
         self.scatter_input = False  # row-parallel layer that splits its full input itself
         self.a = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(rank, in_local)) for p in parts})
         self.b = nn.ParameterDict({p.name: nn.Parameter(torch.zeros(m, rank)) for p, m in zip(parts, rows_local)})
@@ -43,10 +45,19 @@ class LowRankAdapter(nn.Module):
         from megatron.core.tensor_parallel import mappings
 
         g, dtype = self.tp_group, x.dtype
+        sp = self.sequence_parallel and self.tp_size > 1
         if self.kind == COLUMN:
             a_cat = torch.cat([self.a[p.name] for p in self.parts], 0).to(dtype)
-            # dL/dh differs per TP rank (B is row-sharded): sum it over TP in backward
-            h = mappings.copy_to_tensor_model_parallel_region((x @ a_cat.t()) * self.scale, group=g)
+            if sp:
+                # x is this rank's sequence shard: gather the thin h over the sequence (backward:
+                # reduce-scatter of dL/dh, summed over TP); dL/dA then covers only local tokens,
+                # so A (replicated) gets its gradient summed over TP in backward.
+                a_cat = mappings.copy_to_tensor_model_parallel_region(a_cat, group=g)
+                h = mappings.gather_from_sequence_parallel_region(
+                    (x @ a_cat.t()) * self.scale, tensor_parallel_output_grad=True, group=g)
+            else:
+                # dL/dh differs per TP rank (B is row-sharded): sum it over TP in backward
+                h = mappings.copy_to_tensor_model_parallel_region((x @ a_cat.t()) * self.scale, group=g)
             if self.parts[0].rows is None:
                 return h, self.b[self.parts[0].name].to(dtype)
             placed = [torch.zeros(self.out_local, self.rank, dtype=dtype, device=x.device)
@@ -55,6 +66,12 @@ class LowRankAdapter(nn.Module):
         (p,) = self.parts
         if self.scatter_input and self.tp_size > 1:
             x = mappings.scatter_to_tensor_model_parallel_region(x, group=g)
+        if sp:
+            # The output is reduce-scattered along the sequence: h likewise, and B (replicated)
+            # then sees only local tokens, so its gradient is summed over TP in backward.
+            h = mappings.reduce_scatter_to_sequence_parallel_region(
+                (x @ self.a[p.name].to(dtype).t()) * self.scale, group=g)
+            return h, mappings.copy_to_tensor_model_parallel_region(self.b[p.name], group=g).to(dtype)
         h = mappings.reduce_from_tensor_model_parallel_region((x @ self.a[p.name].to(dtype).t()) * self.scale, group=g)
         return h, self.b[p.name].to(dtype)
 
@@ -98,7 +115,8 @@ def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
     for t in targets:
         module = t.module
         ad = LowRankAdapter(t.name, t.kind, t.parts, config.rank, config.scale, t.in_local, t.rows_local,
-                            groups.tp_group, groups.tp_size, bool(getattr(module, "gather_output", False)))
+                            groups.tp_group, groups.tp_size, bool(getattr(module, "gather_output", False)),
+                            bool(getattr(module, "sequence_parallel", False)))
         ad.to(device=module.weight.device)
         ad.scatter_input = t.kind == ROW and not getattr(module, "input_is_parallel", True)
         module.add_module("lora", ad)
@@ -120,6 +138,7 @@ def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
     model.hd_pissa_config = config
     model.hd_pissa_groups = groups
     model.peft_method = method
+    ensure_block_input_requires_grad(model)
     return model
 
 

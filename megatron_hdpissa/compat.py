@@ -136,6 +136,56 @@ def _patch_optimizer_modules() -> None:
             module.torch = proxy
 
 
+# ---- pipeline parallelism: megatron-core's schedules and p2p communication on CPU -------------
+class _CpuCuda(types.ModuleType):
+    """`torch.cuda` inside the pipeline modules: `synchronize()` (p2p guards batch_isend_irecv
+    with it) does nothing on CPU, everything else is torch.cuda itself."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    @staticmethod
+    def synchronize(device=None) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _patch_pipeline_modules() -> None:
+    """The schedules allocate their token counters with `device="cuda"` and p2p calls
+    `torch.cuda.synchronize()`; a GPTModel stage that holds the tied output layer moves it with
+    `weight.data.cuda()` before all-reducing it with the first stage (at PP > 1)."""
+    import importlib
+
+    proxy = _CpuTorch()
+    proxy.cuda = _CpuCuda()
+    for name in ("megatron.core.pipeline_parallel.schedules",
+                 "megatron.core.pipeline_parallel.p2p_communication"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - layout of another megatron-core release
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+    try:
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+    except ImportError:  # pragma: no cover
+        return
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t
+        try:
+            return setup(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+# ---- end of the pipeline-parallel block -------------------------------------------------------
+
+
 def ensure_cpu_compat() -> bool:
     """Patch megatron-core for CPU execution if CUDA is unavailable; idempotent.
 
@@ -185,5 +235,6 @@ def ensure_cpu_compat() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
     _patch_optimizer_modules()
+    _patch_pipeline_modules()
     _applied = True
     return True

@@ -1,12 +1,19 @@
 """Hugging Face causal-LM safetensors <-> megatron-core GPTModel checkpoints in the legacy Megatron
-layout, sharded for tensor parallelism; streamed one tensor (slice) at a time, written atomically.
+layout, sharded for tensor and pipeline parallelism; streamed one tensor (slice) at a time, written
+atomically.
 
 Checkpoint layout (plain dicts, loadable with `torch.load(weights_only=True)`):
 
     DIR/latest_checkpointed_iteration.txt        "0"
-    DIR/iter_0000000/mp_rank_00/model_optim_rng.pt   {"model": state_dict, "iteration", ...}
+    DIR/iter_0000000/mp_rank_TT/model_optim_rng.pt       pipeline size 1: {"model": state_dict, ...}
+    DIR/iter_0000000/mp_rank_TT_PPP/model_optim_rng.pt   pipeline size > 1: stage PPP of TP rank TT
     DIR/model_config.json                        models.ModelConfig (incl. the HF config.json)
     DIR/tokenizer/                               the HF folder's non-weight files, verbatim
+
+A pipeline stage's file holds what megatron-core's GPTModel on that stage holds, with its layers
+numbered locally (`decoder.layers.0 .. L/P-1`): the word embedding on the first stage, the final
+norm and output layer on the last; with tied embeddings the last stage (of P > 1) holds its own
+copy of the word embedding as `output_layer.weight`. Stages split the layers evenly.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h
 _NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 _DEFAULT_SHARD_BYTES = 4 * 1024**3
+PP_FLAG = "--pipeline-model-parallel-size"
+_LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # --dtype spellings the conversion CLIs accept
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -45,6 +54,121 @@ def _layer(i: int, name: str) -> str:
 
 def _hf_layer(i: int, name: str) -> str:
     return f"model.layers.{i}.{name}"
+
+
+# ---- pipeline stages --------------------------------------------------------------------------
+def validate_pp(config: ModelConfig, pp_size: int) -> None:
+    """Raise a ValueError naming the flag unless `pp_size` stages split the layers evenly."""
+    if pp_size < 1:
+        raise ValueError(f"{PP_FLAG} must be >= 1, got {pp_size}")
+    if config.num_layers % pp_size:
+        valid = [p for p in range(1, config.num_layers + 1) if config.num_layers % p == 0]
+        raise ValueError(
+            f"{PP_FLAG} {pp_size} does not divide num_layers={config.num_layers} of this "
+            f"{config.model_type} model (stages hold equal numbers of layers); valid sizes: {valid}"
+        )
+
+
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Global indices of the layers pipeline stage `pp_rank` of `pp_size` holds (even split, as
+    megatron-core's `get_transformer_layer_offset` without uneven-stage options)."""
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pipeline rank {pp_rank} is outside {PP_FLAG} {pp_size}")
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def _stage_of_key(key: str, config: ModelConfig, pp_size: int) -> tuple[int, str]:
+    """(stage, local key) of a key of a whole-model (pipeline size 1) state dict."""
+    m = _LAYER_KEY.fullmatch(key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if not 0 <= i < config.num_layers:
+            raise ValueError(f"state dict key {key!r}: layer {i} outside the model's {config.num_layers} layers")
+        per_stage = config.num_layers // pp_size
+        return i // per_stage, _layer(i % per_stage, rest)
+    if key.startswith("embedding."):
+        return 0, key
+    if key.startswith(("decoder.final_layernorm.", "output_layer.")):
+        return pp_size - 1, key
+    raise ValueError(f"state dict key {key!r} belongs to no known pipeline stage")
+
+
+def split_pipeline_stages(state_dict: dict, config: ModelConfig, pp_size: int) -> list[dict]:
+    """Split one TP rank's whole-model state dict (global layer numbering, as pipeline size 1
+    holds it) into the `pp_size` stage state dicts megatron-core's stage GPTModels hold (local
+    numbering; with tied embeddings the last stage of P > 1 gets `output_layer.weight`, the same
+    tensor as the first stage's word embedding). Tensors are shared, not copied."""
+    validate_pp(config, pp_size)
+    return [pipeline_stage_state_dict(state_dict, config, pp_size, r) for r in range(pp_size)]
+
+
+def pipeline_stage_state_dict(state_dict: dict, config: ModelConfig, pp_size: int, pp_rank: int) -> dict:
+    """Stage `pp_rank` of `split_pipeline_stages(state_dict, config, pp_size)`."""
+    validate_pp(config, pp_size)
+    stage: dict = {}
+    for key, value in state_dict.items():
+        p, local = _stage_of_key(key, config, pp_size)
+        if p == pp_rank:
+            stage[local] = value
+    if pp_size > 1 and pp_rank == pp_size - 1 and config.tie_word_embeddings:
+        if "embedding.word_embeddings.weight" not in state_dict:
+            raise ValueError("state dict has no 'embedding.word_embeddings.weight' to tie the last "
+                             "pipeline stage's output layer to")
+        stage["output_layer.weight"] = state_dict["embedding.word_embeddings.weight"]
+    return stage
+
+
+def merge_pipeline_stages(stage_state_dicts, config: ModelConfig) -> dict:
+    """Inverse of `split_pipeline_stages`: one TP rank's stage state dicts, in pipeline order,
+    into a whole-model state dict with global layer numbering (as pipeline size 1 holds it). With
+    tied embeddings the last stage's copy of the word embedding is dropped and the first stage's
+    kept (training keeps the two equal: megatron-core all-reduces their gradients). Tensors are
+    shared, not copied."""
+    stages = list(stage_state_dicts)
+    pp_size = len(stages)
+    validate_pp(config, pp_size)
+    per_stage = config.num_layers // pp_size
+    merged: dict = {}
+    for pp_rank, stage in enumerate(stages):
+        for key, value in stage.items():
+            m = _LAYER_KEY.fullmatch(key)
+            if m:
+                i = int(m.group(1))
+                if not 0 <= i < per_stage:
+                    raise ValueError(
+                        f"pipeline stage {pp_rank} holds {key!r}, but with {PP_FLAG} {pp_size} a "
+                        f"stage of this {config.num_layers}-layer model has {per_stage} layers"
+                    )
+                key = _layer(pp_rank * per_stage + i, m.group(2))
+            elif (pp_size > 1 and pp_rank == pp_size - 1 and config.tie_word_embeddings
+                  and key == "output_layer.weight"):
+                continue  # the last stage's copy of the tied word embedding
+            if key in merged:
+                raise ValueError(f"{key!r} is held by more than one pipeline stage")
+            merged[key] = value
+    return merged
+
+
+def merge_pipeline_shards(shards, config: ModelConfig) -> list[dict]:
+    """Per-(TP rank, PP rank) state dicts -> the per-TP-rank whole-model state dicts (global layer
+    numbering) that `hf_tensors_from_megatron` merges. `shards` is a mapping
+    `{(tp_rank, pp_rank): state_dict}` covering every rank, or a list over TP ranks of lists over
+    stages."""
+    if isinstance(shards, dict):
+        if not shards or not all(isinstance(k, tuple) and len(k) == 2 for k in shards):
+            raise ValueError("shards must be keyed by (tp_rank, pp_rank)")
+        tp_size = 1 + max(t for t, _ in shards)
+        pp_size = 1 + max(p for _, p in shards)
+        missing = [(t, p) for t in range(tp_size) for p in range(pp_size) if (t, p) not in shards]
+        if missing:
+            raise ValueError(f"state dicts of (tp_rank, pp_rank) {missing} are missing")
+        grid = [[shards[(t, p)] for p in range(pp_size)] for t in range(tp_size)]
+    else:
+        grid = [list(stages) for stages in shards]
+        if len({len(stages) for stages in grid}) > 1:
+            raise ValueError("every TP rank needs the same number of pipeline stages")
+    return [merge_pipeline_stages(stages, config) for stages in grid]
 
 
 # ---- reading a Hugging Face folder lazily -----------------------------------------------------
@@ -104,11 +228,15 @@ class SafetensorsFolder:
 # ---- HF -> megatron-core, one TP rank ---------------------------------------------------------
 def megatron_shard_from_hf(
     src: SafetensorsFolder, config: ModelConfig, tp_size: int, tp_rank: int,
-    dtype: torch.dtype | None = None, progress_bar=None,
+    dtype: torch.dtype | None = None, progress_bar=None, *, pp_size: int = 1, pp_rank: int = 0,
 ) -> dict[str, torch.Tensor | None]:
-    """The GPTModel state dict of TP rank `tp_rank`, sliced straight out of the HF files.
-    `progress_bar.update()` is called once per layer (and for embeddings and head)."""
+    """The GPTModel state dict of TP rank `tp_rank` on pipeline stage `pp_rank` of `pp_size`
+    (layers numbered locally), sliced straight out of the HF files. `progress_bar.update()` is
+    called once per layer (and for embeddings and head)."""
     validate_tp(config, tp_size)
+    validate_pp(config, pp_size)
+    layers = stage_layers(config.num_layers, pp_size, pp_rank)
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
     c = config
     h, hd, ng, nq = c.hidden_size, c.kv_channels, c.num_query_groups, c.num_attention_heads
     t = tp_rank
@@ -132,42 +260,50 @@ def megatron_shard_from_hf(
         ).reshape(-1, *tail)
 
     tick = progress_bar.update if progress_bar is not None else (lambda: None)
-    sd: dict[str, torch.Tensor | None] = {
-        "embedding.word_embeddings.weight": src.rows(
-            "model.embed_tokens.weight", (c.vocab_size, h), t * vocab_part, (t + 1) * vocab_part
-        )
-    }
-    tick()
-    for i in range(c.num_layers):
-        sd[_layer(i, "input_layernorm.weight")] = src.full(_hf_layer(i, "input_layernorm.weight"), (h,))
-        sd[_layer(i, "self_attention.linear_qkv.weight")] = qkv(i, "weight")
+
+    def embedding_rows() -> torch.Tensor:
+        return src.rows("model.embed_tokens.weight", (c.vocab_size, h), t * vocab_part, (t + 1) * vocab_part)
+
+    def local(i: int, name: str) -> str:  # HF reads use the global index i, keys the stage's
+        return _layer(i - layers.start, name)
+
+    sd: dict[str, torch.Tensor | None] = {}
+    if first:
+        sd["embedding.word_embeddings.weight"] = embedding_rows()
+        tick()
+    for i in layers:
+        sd[local(i, "input_layernorm.weight")] = src.full(_hf_layer(i, "input_layernorm.weight"), (h,))
+        sd[local(i, "self_attention.linear_qkv.weight")] = qkv(i, "weight")
         if c.qkv_bias:
-            sd[_layer(i, "self_attention.linear_qkv.bias")] = qkv(i, "bias")
-        sd[_layer(i, "self_attention.linear_qkv._extra_state")] = None
-        sd[_layer(i, "self_attention.linear_proj.weight")] = src.cols(
+            sd[local(i, "self_attention.linear_qkv.bias")] = qkv(i, "bias")
+        sd[local(i, "self_attention.linear_qkv._extra_state")] = None
+        sd[local(i, "self_attention.linear_proj.weight")] = src.cols(
             _hf_layer(i, "self_attn.o_proj.weight"), (h, nq * hd),
             t * groups_per_rank * q_per_group * hd, (t + 1) * groups_per_rank * q_per_group * hd,
         )
-        sd[_layer(i, "self_attention.linear_proj._extra_state")] = None
-        sd[_layer(i, "pre_mlp_layernorm.weight")] = src.full(
+        sd[local(i, "self_attention.linear_proj._extra_state")] = None
+        sd[local(i, "pre_mlp_layernorm.weight")] = src.full(
             _hf_layer(i, "post_attention_layernorm.weight"), (h,)
         )
         gate = src.rows(_hf_layer(i, "mlp.gate_proj.weight"), (c.ffn_hidden_size, h), t * ffn_part, (t + 1) * ffn_part)
         up = src.rows(_hf_layer(i, "mlp.up_proj.weight"), (c.ffn_hidden_size, h), t * ffn_part, (t + 1) * ffn_part)
-        sd[_layer(i, "mlp.linear_fc1.weight")] = torch.cat([gate, up], dim=0)
-        sd[_layer(i, "mlp.linear_fc1._extra_state")] = None
-        sd[_layer(i, "mlp.linear_fc2.weight")] = src.cols(
+        sd[local(i, "mlp.linear_fc1.weight")] = torch.cat([gate, up], dim=0)
+        sd[local(i, "mlp.linear_fc1._extra_state")] = None
+        sd[local(i, "mlp.linear_fc2.weight")] = src.cols(
             _hf_layer(i, "mlp.down_proj.weight"), (h, c.ffn_hidden_size), t * ffn_part, (t + 1) * ffn_part
         )
-        sd[_layer(i, "mlp.linear_fc2._extra_state")] = None
+        sd[local(i, "mlp.linear_fc2._extra_state")] = None
         tick()
-    sd["decoder.final_layernorm.weight"] = src.full("model.norm.weight", (h,))
-    if not c.tie_word_embeddings:
-        sd["output_layer.weight"] = src.rows(
-            "lm_head.weight", (c.vocab_size, h), t * vocab_part, (t + 1) * vocab_part
-        )
-    sd["output_layer._extra_state"] = None
-    tick()
+    if last:
+        sd["decoder.final_layernorm.weight"] = src.full("model.norm.weight", (h,))
+        if not c.tie_word_embeddings:
+            sd["output_layer.weight"] = src.rows(
+                "lm_head.weight", (c.vocab_size, h), t * vocab_part, (t + 1) * vocab_part
+            )
+        elif not first:  # megatron-core's last stage holds its own copy of the tied embedding
+            sd["output_layer.weight"] = embedding_rows()
+        sd["output_layer._extra_state"] = None
+        tick()
     if dtype is not None:
         sd = {k: v.to(dtype) if v is not None else None for k, v in sd.items()}
     return sd
@@ -191,8 +327,15 @@ def _expected_hf_keys(config: ModelConfig) -> set[str]:
 
 
 # ---- megatron-core -> HF ----------------------------------------------------------------------
-def hf_tensors_from_megatron(shards: list[dict], config: ModelConfig, names: list[str] | None = None):
-    """Yield `(hf_name, tensor)` merged across the TP shards (rank order), one tensor at a time."""
+def hf_tensors_from_megatron(shards, config: ModelConfig, names: list[str] | None = None):
+    """Yield `(hf_name, tensor)` merged across the TP shards, one tensor at a time.
+
+    `shards`: the whole-model state dicts of the TP ranks (a list in rank order, global layer
+    numbering), or the per-stage state dicts of a pipeline-parallel model, as a mapping
+    `{(tp_rank, pp_rank): state_dict}` or a list over TP ranks of lists over stages (merged by
+    `merge_pipeline_shards`)."""
+    if isinstance(shards, dict) or (shards and isinstance(shards[0], (list, tuple))):
+        shards = merge_pipeline_shards(shards, config)
     c = config
     tp = len(shards)
     hd, ng, nq = c.kv_channels, c.num_query_groups, c.num_attention_heads
@@ -295,23 +438,42 @@ def iteration_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_checkpoint_path(ckpt_dir, iteration: int | str, tp_rank: int) -> Path:
-    """`DIR/iter_XXXXXXX/mp_rank_RR/model_optim_rng.pt` (pipeline parallel size 1)."""
-    return Path(ckpt_dir) / iteration_dir_name(iteration) / f"mp_rank_{tp_rank:02d}" / CHECKPOINT_FILE
+def rank_dir_name(tp_rank: int, pp_rank: int = 0, pp_size: int = 1) -> str:
+    """Megatron-LM's shard folder name: `mp_rank_TT`, or `mp_rank_TT_PPP` when pp_size > 1."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def rank_checkpoint_path(ckpt_dir, iteration: int | str, tp_rank: int, pp_rank: int = 0,
+                         pp_size: int = 1) -> Path:
+    """`DIR/iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt` of TP rank `tp_rank`, pipeline
+    stage `pp_rank` of `pp_size`."""
+    return (Path(ckpt_dir) / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp_size)
+            / CHECKPOINT_FILE)
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a legacy checkpoint folder holds: its tracked iteration and TP shard files."""
+    """What a legacy checkpoint folder holds: its tracked iteration and shard files, one per
+    (TP rank, pipeline stage); `rank_files` lists them TP-rank-major (just the TP shards when
+    pp_size is 1)."""
 
     directory: Path
     iteration: int | str
     tp_size: int
     rank_files: tuple[Path, ...]
+    pp_size: int = 1
+
+    def rank_file(self, tp_rank: int, pp_rank: int = 0) -> Path:
+        if not (0 <= tp_rank < self.tp_size and 0 <= pp_rank < self.pp_size):
+            raise ValueError(
+                f"(tp_rank {tp_rank}, pp_rank {pp_rank}) is outside {self.directory}'s "
+                f"{self.tp_size} TP x {self.pp_size} pipeline shards"
+            )
+        return self.rank_files[tp_rank * self.pp_size + pp_rank]
 
 
 def read_checkpoint_info(ckpt_dir) -> CheckpointInfo:
-    """Read the tracker and list the TP shards; clear errors for whatever is missing."""
+    """Read the tracker and list the (TP, PP) shards; clear errors for whatever is missing."""
     directory = Path(ckpt_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"megatron checkpoint directory {directory} does not exist")
@@ -330,21 +492,33 @@ def read_checkpoint_info(ckpt_dir) -> CheckpointInfo:
     if not iter_dir.is_dir():
         raise FileNotFoundError(f"{tracker} names iteration {text} but {iter_dir} does not exist")
     rank_dirs = sorted(p.name for p in iter_dir.glob("mp_rank_*") if p.is_dir())
-    if any(not re.fullmatch(r"mp_rank_\d{2}", name) for name in rank_dirs):
-        raise ValueError(
-            f"{iter_dir} holds pipeline-parallel shards ({rank_dirs[0]}, ...); only "
-            "--pipeline-model-parallel-size 1 checkpoints are supported"
-        )
     if not rank_dirs:
         raise FileNotFoundError(f"{iter_dir} holds no mp_rank_XX shard folders")
-    tp_size = len(rank_dirs)
-    files = tuple(rank_checkpoint_path(directory, iteration, r) for r in range(tp_size))
+    parsed = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", name) for name in rank_dirs]
+    bad = [name for name, m in zip(rank_dirs, parsed) if m is None]
+    if bad:
+        raise ValueError(f"{iter_dir}: unexpected shard folder names {bad[:3]} (expected "
+                         "mp_rank_TT, or mp_rank_TT_PPP with pipeline parallelism)")
+    pipelined = {m.group(2) is not None for m in parsed}
+    if len(pipelined) > 1:
+        raise ValueError(f"{iter_dir} mixes mp_rank_TT and mp_rank_TT_PPP shard folders: {rank_dirs}")
+    ranks = {(int(m.group(1)), int(m.group(2) or 0)) for m in parsed}
+    tp_size = 1 + max(t for t, _ in ranks)
+    pp_size = 1 + max(p for _, p in ranks)
+
+    def name(t: int, p: int) -> str:  # as found: a lone stage may still be named mp_rank_TT_000
+        return f"mp_rank_{t:02d}_{p:03d}" if pipelined == {True} else f"mp_rank_{t:02d}"
+
+    missing = [name(t, p) for t in range(tp_size) for p in range(pp_size) if (t, p) not in ranks]
+    if missing:
+        raise FileNotFoundError(f"{iter_dir} lacks the shard folders {missing[:4]} (found {rank_dirs})")
+    files = tuple(iter_dir / name(t, p) / CHECKPOINT_FILE for t in range(tp_size) for p in range(pp_size))
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} is missing (found {tp_size} shard folders: {', '.join(rank_dirs)})"
+                f"{path} is missing (found {len(rank_dirs)} shard folders: {', '.join(rank_dirs)})"
             )
-    return CheckpointInfo(directory, iteration, tp_size, files)
+    return CheckpointInfo(directory, iteration, tp_size, files, pp_size)
 
 
 def _load_rank_file(path: Path) -> dict:
@@ -354,9 +528,31 @@ def _load_rank_file(path: Path) -> dict:
         raise ValueError(f"cannot read megatron checkpoint shard {path}: {e}") from e
 
 
-def load_megatron_state_dict(ckpt_dir, tp_rank: int, tp_size: int | None = None) -> dict:
-    """The model state dict of `tp_rank` (memory-mapped). With `tp_size`, check the checkpoint
-    was written for that tensor-parallel size."""
+def _stage_state_dict(info: CheckpointInfo, tp_rank: int, pp_rank: int) -> dict:
+    path = info.rank_file(tp_rank, pp_rank)
+    state = _load_rank_file(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} has no 'model' state dict")
+    saved_tp = state.get("tensor_model_parallel_size", info.tp_size)
+    if saved_tp != info.tp_size:
+        raise ValueError(f"{path} says {TP_FLAG} {saved_tp} but the folder holds {info.tp_size} TP shards")
+    saved_pp = state.get("pipeline_model_parallel_size", info.pp_size)
+    if saved_pp != info.pp_size:
+        raise ValueError(f"{path} says {PP_FLAG} {saved_pp} but the folder holds {info.pp_size} "
+                         "pipeline stages")
+    return state["model"]
+
+
+def load_megatron_state_dict(ckpt_dir, tp_rank: int, tp_size: int | None = None, *,
+                             pp_rank: int = 0, pp_size: int | None = None) -> dict:
+    """The model state dict of TP rank `tp_rank`, pipeline stage `pp_rank` of `pp_size`, as
+    megatron-core's GPTModel on that stage holds it (local layer numbering; memory-mapped).
+
+    With `tp_size`, check the checkpoint was written for that tensor-parallel size (TP is not
+    resharded). `pp_size` None: the checkpoint's own stages. Another `pp_size` reshards: the
+    stage's layers are gathered from whichever stage files hold them and renumbered, so a
+    checkpoint saved at any pipeline size loads at any other that divides the layers (pp_size=1
+    gives the whole model)."""
     info = read_checkpoint_info(ckpt_dir)
     if tp_size is not None and info.tp_size != tp_size:
         raise ValueError(
@@ -367,42 +563,77 @@ def load_megatron_state_dict(ckpt_dir, tp_rank: int, tp_size: int | None = None)
         )
     if not 0 <= tp_rank < info.tp_size:
         raise ValueError(f"tp_rank {tp_rank} is outside the checkpoint's {info.tp_size} shards")
-    path = info.rank_files[tp_rank]
-    state = _load_rank_file(path)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} has no 'model' state dict")
-    saved_tp = state.get("tensor_model_parallel_size", info.tp_size)
-    if saved_tp != info.tp_size:
-        raise ValueError(f"{path} says {TP_FLAG} {saved_tp} but the folder holds {info.tp_size} shards")
-    return state["model"]
+    if pp_size is None:
+        pp_size = info.pp_size
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pp_rank {pp_rank} is outside {PP_FLAG} {pp_size}")
+    if pp_size == info.pp_size:
+        return _stage_state_dict(info, tp_rank, pp_rank)
+    config = ModelConfig.load(info.directory)
+    try:
+        validate_pp(config, pp_size)
+    except ValueError as e:
+        raise ValueError(f"cannot load {info.directory} (saved with {PP_FLAG} {info.pp_size}) at "
+                         f"{PP_FLAG} {pp_size}: {e}") from None
+    # Legacy stage files are keyed by local layer index: resharding is renumbering. The files
+    # are memory-mapped, so only the tensors of the wanted stage are ever read.
+    whole = merge_pipeline_stages(
+        [_stage_state_dict(info, tp_rank, p) for p in range(info.pp_size)], config)
+    return pipeline_stage_state_dict(whole, config, pp_size, pp_rank)
 
 
-def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int | None = None) -> None:
-    """Load this rank's shard into a GPTModel built by `models.build_gpt_model` (strict)."""
+def _pipeline_rank_and_size(pp_rank: int | None, pp_size: int | None) -> tuple[int, int]:
+    """This rank's pipeline stage and size: what the caller passed, else megatron-core's
+    initialised groups, else (0, 1)."""
+    from megatron.core import parallel_state as ps
+
+    initialised = ps.model_parallel_is_initialized()
+    if pp_size is None:
+        pp_size = ps.get_pipeline_model_parallel_world_size() if initialised else 1
+    if pp_rank is None:
+        pp_rank = ps.get_pipeline_model_parallel_rank() if initialised else 0
+    return pp_rank, pp_size
+
+
+def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int | None = None, *,
+                             pp_rank: int | None = None, pp_size: int | None = None) -> None:
+    """Load this rank's (TP, pipeline stage) shard into a GPTModel built by
+    `models.build_gpt_model` (strict). Ranks and sizes not given come from megatron-core's
+    `parallel_state`; a checkpoint saved at another pipeline size is resharded on load."""
     from megatron.core import parallel_state as ps
 
     initialised = ps.model_parallel_is_initialized()
     tp_size = ps.get_tensor_model_parallel_world_size() if initialised else 1
     if tp_rank is None:
         tp_rank = ps.get_tensor_model_parallel_rank() if initialised else 0
-    state_dict = load_megatron_state_dict(ckpt_dir, tp_rank, tp_size)
+    pp_rank, pp_size = _pipeline_rank_and_size(pp_rank, pp_size)
+    state_dict = load_megatron_state_dict(ckpt_dir, tp_rank, tp_size, pp_rank=pp_rank, pp_size=pp_size)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise ValueError(
-            f"{rank_checkpoint_path(ckpt_dir, read_checkpoint_info(ckpt_dir).iteration, tp_rank)} "
-            f"does not fit the model: {e}"
-        ) from e
+        info = read_checkpoint_info(ckpt_dir)
+        where = (info.rank_file(tp_rank, pp_rank) if pp_size == info.pp_size else
+                 f"{info.directory} (saved with {PP_FLAG} {info.pp_size}) resharded to stage "
+                 f"{pp_rank} of {PP_FLAG} {pp_size}")
+        raise ValueError(f"{where} does not fit the model: {e}") from e
 
 
 def load_gpt_model(ckpt_dir, dtype: torch.dtype = torch.float32, **build_kwargs):
-    """Build the GPTModel described by `DIR/model_config.json` for the current TP rank and load
-    its weights. Returns `(model, model_config)`."""
+    """Build the GPTModel described by `DIR/model_config.json` for the current TP rank and
+    pipeline stage (megatron-core's `parallel_state`) and load its weights. Returns
+    `(model, model_config)`."""
     from megatron_hdpissa.models import build_gpt_model
 
     model_config = ModelConfig.load(ckpt_dir)
+    pp_rank, pp_size = _pipeline_rank_and_size(None, None)
+    validate_pp(model_config, pp_size)
+    build_kwargs.setdefault("pre_process", pp_rank == 0)
+    build_kwargs.setdefault("post_process", pp_rank == pp_size - 1)
+    if pp_size > 1:  # TransformerConfig fields: the stage builds num_layers / pp_size layers
+        build_kwargs.setdefault("pipeline_model_parallel_size", pp_size)
+        build_kwargs.setdefault("pipeline_dtype", dtype)
     model = build_gpt_model(model_config, dtype=dtype, **build_kwargs)
-    load_megatron_checkpoint(model, ckpt_dir)
+    load_megatron_checkpoint(model, ckpt_dir, pp_rank=pp_rank, pp_size=pp_size)
     return model, model_config
 
 
@@ -454,16 +685,18 @@ def _copy_non_weight_files(src: Path, dst: Path) -> list[str]:
 
 # ---- the two conversions ----------------------------------------------------------------------
 def convert_hf_to_megatron(
-    hf_dir, save_dir, tp_size: int, *, dtype: torch.dtype | None = None, iteration: int = 0,
-    force: bool = False, progress: bool = True,
+    hf_dir, save_dir, tp_size: int, *, pp_size: int = 1, dtype: torch.dtype | None = None,
+    iteration: int = 0, force: bool = False, progress: bool = True,
 ) -> Path:
     """Convert an HF LLaMA / Mistral / Qwen2 folder (safetensors) into a legacy Megatron
-    checkpoint with `tp_size` shards. Memory: one TP shard plus one tensor at a time."""
+    checkpoint with `tp_size` x `pp_size` shards (`mp_rank_TT`, or `mp_rank_TT_PPP` when
+    pp_size > 1). Memory: one shard plus one tensor at a time."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"Hugging Face model directory {hf_dir} does not exist")
     config = ModelConfig.from_hf(hf_dir)
     validate_tp(config, tp_size)
+    validate_pp(config, pp_size)
     src = SafetensorsFolder(hf_dir)
     unexpected = sorted(k for k in src.keys() - _expected_hf_keys(config) if not _IGNORED_HF_KEYS.match(k))
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
@@ -475,21 +708,24 @@ def convert_hf_to_megatron(
         )
     with _atomic_output_dir(Path(save_dir), force, sources=(hf_dir,)) as tmp:
         steps = tp_size * (config.num_layers + 2)
-        with _progress(steps, f"HF -> megatron TP={tp_size}", progress, "layer") as bar:
+        with _progress(steps, f"HF -> megatron TP={tp_size} PP={pp_size}", progress, "layer") as bar:
             for tp_rank in range(tp_size):
-                shard = megatron_shard_from_hf(src, config, tp_size, tp_rank, dtype, bar)
-                path = rank_checkpoint_path(tmp, iteration, tp_rank)
-                path.parent.mkdir(parents=True)
-                torch.save({
-                    "model": shard,
-                    "iteration": iteration,
-                    "checkpoint_version": 3.0,
-                    "tensor_model_parallel_size": tp_size,
-                    "tensor_model_parallel_rank": tp_rank,
-                    "pipeline_model_parallel_size": 1,
-                    "format": CHECKPOINT_FORMAT,
-                }, path)
-                del shard
+                for pp_rank in range(pp_size):
+                    shard = megatron_shard_from_hf(src, config, tp_size, tp_rank, dtype, bar,
+                                                   pp_size=pp_size, pp_rank=pp_rank)
+                    path = rank_checkpoint_path(tmp, iteration, tp_rank, pp_rank, pp_size)
+                    path.parent.mkdir(parents=True)
+                    torch.save({
+                        "model": shard,
+                        "iteration": iteration,
+                        "checkpoint_version": 3.0,
+                        "tensor_model_parallel_size": tp_size,
+                        "tensor_model_parallel_rank": tp_rank,
+                        "pipeline_model_parallel_size": pp_size,
+                        "pipeline_model_parallel_rank": pp_rank,
+                        "format": CHECKPOINT_FORMAT,
+                    }, path)
+                    del shard
         config.save(tmp)
         _copy_non_weight_files(hf_dir, tmp / TOKENIZER_DIR)
         (tmp / TRACKER_FILE).write_text(f"{iteration}\n")  # last: marks the checkpoint complete
@@ -499,10 +735,12 @@ def convert_hf_to_megatron(
 def convert_megatron_to_hf(
     megatron_dir, save_dir, *, dtype: torch.dtype | None = None, force: bool = False,
     progress: bool = True, max_shard_bytes: int = _DEFAULT_SHARD_BYTES, tp_size: int | None = None,
+    pp_size: int | None = None,
 ) -> Path:
-    """Merge a legacy Megatron checkpoint's TP shards into an HF folder (safetensors,
-    config.json, tokenizer) that transformers loads. Shards are memory-mapped; output files are
-    written `max_shard_bytes` at a time. With `tp_size`, check the checkpoint's TP size."""
+    """Merge a legacy Megatron checkpoint's TP shards and pipeline stages into an HF folder
+    (safetensors, config.json, tokenizer) that transformers loads. Shards are memory-mapped;
+    output files are written `max_shard_bytes` at a time. With `tp_size` / `pp_size`, check the
+    checkpoint's TP / pipeline size."""
     from safetensors.torch import save_file
 
     info = read_checkpoint_info(megatron_dir)
@@ -510,9 +748,16 @@ def convert_megatron_to_hf(
         raise ValueError(
             f"{info.directory} was saved with {TP_FLAG} {info.tp_size}, not {tp_size}"
         )
+    if pp_size is not None and pp_size != info.pp_size:
+        raise ValueError(
+            f"{info.directory} was saved with {PP_FLAG} {info.pp_size}, not {pp_size}"
+        )
     config = ModelConfig.load(info.directory)
     validate_tp(config, info.tp_size)
-    shards = [load_megatron_state_dict(info.directory, r, info.tp_size) for r in range(info.tp_size)]
+    validate_pp(config, info.pp_size)
+    shards = merge_pipeline_shards(
+        {(t, p): load_megatron_state_dict(info.directory, t, info.tp_size, pp_rank=p)
+         for t in range(info.tp_size) for p in range(info.pp_size)}, config)
     out_dtype = dtype or shards[0]["embedding.word_embeddings.weight"].dtype
 
     names = _hf_names(config)
@@ -555,9 +800,10 @@ def convert_megatron_to_hf(
 
 
 __all__ = [
-    "CHECKPOINT_FILE", "MODEL_CONFIG_FILE", "TOKENIZER_DIR", "TRACKER_FILE", "CheckpointInfo",
-    "SafetensorsFolder", "convert_hf_to_megatron", "convert_megatron_to_hf",
+    "CHECKPOINT_FILE", "MODEL_CONFIG_FILE", "PP_FLAG", "TOKENIZER_DIR", "TRACKER_FILE",
+    "CheckpointInfo", "SafetensorsFolder", "convert_hf_to_megatron", "convert_megatron_to_hf",
     "hf_tensors_from_megatron", "load_gpt_model", "load_megatron_checkpoint",
-    "load_megatron_state_dict", "megatron_shard_from_hf", "rank_checkpoint_path",
-    "read_checkpoint_info",
+    "load_megatron_state_dict", "megatron_shard_from_hf", "merge_pipeline_shards",
+    "merge_pipeline_stages", "pipeline_stage_state_dict", "rank_checkpoint_path", "rank_dir_name",
+    "read_checkpoint_info", "split_pipeline_stages", "stage_layers", "validate_pp",
 ]

@@ -3,7 +3,9 @@
 Flow: `read_jsonl_examples` -> `SFTDataset` (prompt template, tokenise, truncate) ->
 `SFTBatchIterator` (per-epoch shuffle, optional packing, shard slicing, micro-batches).
 
-A batch is a dict of torch tensors, each (micro_batch_size, seq_length):
+A batch is a dict of torch tensors, each (micro_batch_size, length); `length` is the micro-batch's
+longest row rounded up to a multiple of `pad_multiple` and capped at seq_length, or seq_length
+itself with `pad_to_max_length`:
   tokens        int64   input ids
   labels        int64   labels[i] = tokens[i + 1] of the same example (Megatron GPT convention)
   loss_mask     float32 1 where the label is a response token or the closing EOS, else 0
@@ -240,14 +242,22 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def build_row(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """One seq_length row holding the examples `indices` back to back, then padding.
+    def row_length(self, indices: Sequence[int]) -> int:
+        """Positions the examples `indices` take up back to back in one row."""
+        return sum(len(self.examples[i].ids) - 1 for i in indices)
+
+    def build_row(self, indices: Sequence[int], length: int | None = None) -> dict[str, torch.Tensor]:
+        """One row of `length` (default seq_length) positions holding the examples `indices` back
+        to back, then padding.
 
         Packed examples are separated in the labels, loss mask and position ids, but a plain causal
         mask still lets a token attend to earlier examples of the row; build a per-document block
         mask from `document_ids` to prevent that.
         """
-        s, pad = self.seq_length, self.tokenizer.pad_id
+        s, pad = self.seq_length if length is None else length, self.tokenizer.pad_id
+        if self.row_length(indices) > s:
+            limit = f"--seq-length {s}" if length is None else f"{s}"
+            raise ValueError(f"examples {list(indices)} need more than {limit} positions")
         tokens = torch.full((s,), pad, dtype=torch.int64)
         labels = torch.full((s,), pad, dtype=torch.int64)
         loss_mask = torch.zeros(s, dtype=torch.float32)
@@ -257,8 +267,6 @@ class SFTDataset:
         for doc, index in enumerate(indices):
             example = self.examples[index]
             n = len(example.ids) - 1
-            if offset + n > s:
-                raise ValueError(f"examples {list(indices)} need more than --seq-length {s} positions")
             ids = torch.tensor(example.ids, dtype=torch.int64)
             tokens[offset : offset + n] = ids[:-1]
             labels[offset : offset + n] = ids[1:]
@@ -272,6 +280,37 @@ class SFTDataset:
             tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=position_ids,
             document_ids=document_ids,
         )
+
+
+def padded_length(longest: int, seq_length: int, pad_multiple: int) -> int:
+    """`longest` rounded up to a multiple of `pad_multiple`, at least one multiple, at most
+    `seq_length`."""
+    return min(seq_length, max(1, -(-longest // pad_multiple)) * pad_multiple)
+
+
+def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """`batch` extended with padding to `length` positions, as `SFTDataset.build_row` pads: for a
+    caller that needs one shape across micro-batches (a pipeline schedule without
+    `variable_seq_lengths`, a comparison across shards)."""
+    have = batch["tokens"].shape[1]
+    if length < have:
+        raise ValueError(f"cannot pad a batch of {have} positions to {length}")
+    extra = length - have
+    if extra == 0:
+        return dict(batch)
+    rows = batch["tokens"].shape[0]
+    last_pos = batch["position_ids"][:, -1:]
+    # A row already ending in padding keeps its padding segment; a full row (its last label is
+    # always supervised) gets a new one.
+    last_doc = batch["document_ids"][:, -1:] + (batch["loss_mask"][:, -1:] > 0).long()
+    tail = dict(
+        tokens=torch.full((rows, extra), pad_id, dtype=batch["tokens"].dtype),
+        labels=torch.full((rows, extra), pad_id, dtype=batch["labels"].dtype),
+        loss_mask=torch.zeros((rows, extra), dtype=batch["loss_mask"].dtype),
+        position_ids=last_pos + torch.arange(1, extra + 1),
+        document_ids=last_doc.expand(rows, extra),
+    )
+    return {key: torch.cat([value, tail[key]], dim=1) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +345,14 @@ class SFTBatchIterator:
     With `pack=True` a row holds several examples; attention stays causal across them unless the
     caller builds a per-document block mask from the batch's `document_ids`.
 
+    Each micro-batch is as long as its longest row, rounded up to a multiple of `pad_multiple`
+    (so TP / sequence-parallel splits and kernels get friendly shapes) and capped at the dataset's
+    seq_length; `pad_to_max_length=True` pads every micro-batch to seq_length. Padding comes
+    after every real position and carries loss mask 0, so under a causal mask it changes no loss
+    or gradient. Packed rows are trimmed the same way (greedy packing leaves most rows nearly
+    full, the last ones of an epoch less so). The padding never changes which examples a batch
+    holds, so it is not part of the resumable position.
+
     The position is (epoch, consumed rows over all shards); `state_dict` after a batch, loaded into
     a fresh iterator, yields exactly the batches that would have followed, also with another
     number of shards.
@@ -322,9 +369,13 @@ class SFTBatchIterator:
         pack: bool = False,
         drop_last: bool = True,
         num_epochs: int | None = None,
+        pad_to_max_length: bool = False,
+        pad_multiple: int = 8,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size must be positive, got {micro_batch_size}")
+        if pad_multiple < 1:
+            raise ValueError(f"--pad-multiple must be positive, got {pad_multiple}")
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} outside [0, num_shards={num_shards})")
         self.dataset = dataset
@@ -336,6 +387,8 @@ class SFTBatchIterator:
         self.pack = pack
         self.drop_last = drop_last
         self.num_epochs = num_epochs
+        self.pad_to_max_length = pad_to_max_length
+        self.pad_multiple = pad_multiple
         self.epoch = 0
         self.consumed = 0
         self._lengths = [len(e.ids) - 1 for e in dataset.examples]
@@ -385,7 +438,11 @@ class SFTBatchIterator:
         mine = rows[start : min(start + self.micro_batch_size, len(rows))]
         mine = mine + [[]] * (self.micro_batch_size - len(mine))
         self.consumed += self.rows_per_step
-        built = [self.dataset.build_row(row) for row in mine]
+        length = self.dataset.seq_length
+        if not self.pad_to_max_length:
+            longest = max(sum(self._lengths[i] for i in row) for row in mine)
+            length = padded_length(longest, length, self.pad_multiple)
+        built = [self.dataset.build_row(row, length) for row in mine]
         return {key: torch.stack([row[key] for row in built]) for key in built[0]}
 
     def state_dict(self) -> dict:

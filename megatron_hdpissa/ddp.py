@@ -29,8 +29,7 @@ from torch import nn
 
 from .apply import iter_adapters
 from .compat import ensure_cpu_compat
-
-_SINGLETON_GROUP = None
+from .distributed import singleton_group
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -40,14 +39,6 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
         for part in ad.parts:
             out += [ad.a[part.name], ad.b[part.name]]
     return out
-
-
-def singleton_group() -> Optional[dist.ProcessGroup]:
-    """A process group holding only this rank (created collectively, once per process)."""
-    global _SINGLETON_GROUP
-    if _SINGLETON_GROUP is None and dist.is_initialized():
-        _SINGLETON_GROUP, _ = dist.new_subgroups(group_size=1)
-    return _SINGLETON_GROUP
 
 
 def hd_pissa_process_groups():

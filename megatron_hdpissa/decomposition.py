@@ -1,4 +1,5 @@
-"""Top-K*r singular decomposition of full (TP-gathered) weights, spread over all ranks."""
+"""Top-K*r singular decomposition of full (TP-gathered) weights, spread over the ranks of each
+pipeline stage (all ranks at PP = 1)."""
 from __future__ import annotations
 
 import math
@@ -69,14 +70,37 @@ class Unit:
         return torch.cat(shards, 0 if self.kind == COLUMN else 1)
 
 
+_STAGE_GROUPS: dict = {}  # (world group, pp rank, pp size) -> the stage's process group
+
+
+def stage_group(groups: ParallelGroups):
+    """The process group of every rank on this pipeline stage (its TP x DP ranks; None = the
+    world at PP = 1). Created once, collectively over the world: call it where all ranks are
+    together (the trainer's set-up, a model provider) before a stage decomposes on its own."""
+    if groups.pp_size == 1 or not dist.is_initialized():
+        return None
+    key = (id(dist.group.WORLD), groups.pp_rank, groups.pp_size)
+    if key not in _STAGE_GROUPS:
+        stage_of = [None] * dist.get_world_size()
+        dist.all_gather_object(stage_of, groups.pp_rank)
+        stages = [[r for r, s in enumerate(stage_of) if s == p] for p in range(groups.pp_size)]
+        _STAGE_GROUPS.clear()
+        _STAGE_GROUPS[key], _ = dist.new_subgroups_by_enumeration(stages)
+    return _STAGE_GROUPS[key]
+
+
 def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, oversampling: int,
                     niter: int, seed: int, progress: bool = True) -> None:
-    """Decompose every unit and call its `fill` on every rank. Unit i is decomposed by world rank i % world_size (all
-    gathers first, then the SVDs in parallel, then one broadcast per unit), so a randomized
-    decomposition is computed once and every rank receives identical factors."""
+    """Decompose every unit and call its `fill` on every rank. Unit i is decomposed by rank
+    i % size of this pipeline stage's ranks (all gathers first, then the SVDs in parallel, then
+    one broadcast per unit), so a randomized decomposition is computed once and every rank of
+    the stage receives identical factors; a layer exists only on its own stage."""
     distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    me = dist.get_rank() if distributed else 0
+    group = stage_group(groups) if distributed else None
+    world = dist.get_world_size(group) if distributed else 1
+    me = dist.get_rank(group) if distributed else 0
+    # seeds by global unit index (stages hold equal numbers of layers), no cross-stage collective
+    seed = seed + groups.pp_rank * len(units)
     owned: dict[int, torch.Tensor] = {}
     for i, unit in enumerate(units):
         full = unit.gather_full(groups)
@@ -99,7 +123,8 @@ def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, over
             if i % world == me:
                 u, s, v = results.pop(i)
                 torch.cat([u.reshape(-1), s, v.reshape(-1)], out=buf)
-            dist.broadcast(buf, src=i % world)
+            src = i % world if group is None else dist.get_global_rank(group, i % world)
+            dist.broadcast(buf, src=src, group=group)
             u = buf[: m * k].view(m, k)
             s = buf[m * k: m * k + k]
             v = buf[m * k + k:].view(n, k)

@@ -345,6 +345,7 @@ def build_gpt_model(
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megatron_hdpissa.compat import ensure_cpu_compat
+    from megatron_hdpissa.norms import needs_own_norm, sequence_parallel_block_spec
 
     ensure_cpu_compat()
     model_config = as_model_config(config)
@@ -361,9 +362,12 @@ def build_gpt_model(
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
     tconfig = transformer_config(model_config, tp_size, dtype, **overrides)
+    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if tconfig.sequence_parallel and needs_own_norm():
+        layer_spec = sequence_parallel_block_spec(layer_spec, tconfig)
     return GPTModel(
         config=tconfig,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=layer_spec,
         vocab_size=model_config.vocab_size,
         max_sequence_length=model_config.max_position_embeddings,
         pre_process=pre_process,

@@ -149,6 +149,69 @@ def test_lora_training_checkpoint_factors_are_merged(tiny):
     assert set(_ranks(unmerged, "lora").values()) == {0}  # W_res of LoRA is W_0
 
 
+# ---- pipeline-parallel checkpoints ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pp(tiny):
+    """The base and fine-tuned tiny LLaMA as TP=2 x PP=2 checkpoints (one layer per stage)."""
+    from megatron_hdpissa.conversion import convert_hf_to_megatron
+
+    return {name: convert_hf_to_megatron(tiny[src], tiny["root"] / name, tp_size=2, pp_size=2, progress=False)
+            for name, src in (("base_pp", "base_hf"), ("ft_pp", "ft_hf"))}
+
+
+def test_pipeline_parallel_checkpoints_give_the_same_numbers(tiny, tiny_pp):
+    summary, results = analysis.analyse(tiny_pp["base_pp"], {"pp": tiny_pp["ft_pp"], "tp": tiny["ft_mg"]})
+    expected = {name: PLANTED[name.split(".")[-2]] for name in tiny["deltas"]}
+    assert _ranks(summary, "pp") == expected and _ranks(summary, "tp") == expected
+    assert "TP=2, PP=2" in summary["checkpoints"]["pp"]["source"]
+    for a, b in zip(results["pp"], results["tp"]):
+        assert a.name == b.name and torch.equal(a.sigma, b.sigma)
+    # the CLI reads them too
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("effective_rank", REPO / "tools" / "effective_rank.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tiny["root"] / "rank_pp.json"
+    assert tool.main(["--base", str(tiny_pp["base_pp"]), "--finetuned", f"pp={tiny_pp['ft_pp']}",
+                      "--layers", "1", "--json", str(out)]) == 0
+    got = {m["name"]: m["effective_rank"] for m in json.loads(out.read_text())["checkpoints"]["pp"]["matrices"]}
+    assert got == {k: v for k, v in expected.items() if k.startswith("model.layers.1.")}
+
+
+def test_lora_training_checkpoint_saved_in_stages_is_merged(tiny, tiny_pp):
+    """The same factors as the TP=2 fake LoRA checkpoint, laid out as the trainer saves them at
+    TP=2 x PP=2: model files per (TP, stage), adapter files per (TP, stage) named by
+    checkpointing.rank_file, layers numbered per stage (layer i -> stage i, local layer 0)."""
+    from megatron_hdpissa.checkpointing import rank_file
+    from megatron_hdpissa.distributed import ParallelGroups
+
+    def groups(t, p):
+        return ParallelGroups(None, None, tp_rank=t, tp_size=2, dp_rank=0, dp_size=1, pp_rank=p, pp_size=2)
+
+    iter_dir = tiny_pp["base_pp"] / "iter_0000000"
+    if rank_file(iter_dir, groups(0, 0)) == rank_file(iter_dir, groups(0, 1)):
+        pytest.skip("checkpointing.rank_file does not name pipeline stages yet")
+    flat_dir, expected = _fake_lora_checkpoint(tiny, rank=2, alpha=4.0)
+    dst = tiny["root"] / "lora_pp"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(tiny_pp["base_pp"], dst)
+    (dst / "iter_0000000" / "hd_pissa").mkdir()
+    shutil.copy2(flat_dir / "iter_0000000" / "hd_pissa" / "meta.json", dst / "iter_0000000" / "hd_pissa")
+    for t in range(2):
+        adapter = torch.load(flat_dir / "iter_0000000" / "hd_pissa" / f"dp_000_tp_{t:02d}.pt")["adapter"]
+        for p in range(2):
+            prefix = f"decoder.layers.{p}."
+            local = {"decoder.layers.0." + k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
+            torch.save({"adapter": local, "iteration": 0}, rank_file(dst / "iter_0000000", groups(t, p)))
+    base = analysis.open_checkpoint(tiny["base_hf"])
+    merged = analysis.open_checkpoint(dst)
+    assert "merged" in merged.description and "PP=2" in merged.description
+    for name, delta in expected.items():
+        got = merged.weight(name).double() - base.weight(name).double()
+        assert torch.allclose(got, delta, rtol=0, atol=1e-5 * delta.abs().max()), name
+
+
 # ---- a real LoRA run of the trainer: its --save folder against its merged --export-hf ---------
 def _finetune(argv):
     from megatron_hdpissa import finetune

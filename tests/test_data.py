@@ -15,6 +15,7 @@ from megatron_hdpissa.data import (
     SFTDataset,
     SFTExample,
     extract_gsm8k_answer,
+    pad_batch,
     read_jsonl_examples,
     split_gsm8k,
     train_heldout_split,
@@ -122,7 +123,7 @@ def test_alpaca_masks_match_prompt_boundary(sp, sp_tok, gsm8k_examples):
     examples = gsm8k_examples[:6] + [SFTExample("Add the numbers.", "5", input="2 and 3")]
     dataset = SFTDataset(examples, sp_tok, seq_length=400)
     assert dataset.num_truncated == 0 and len(dataset) == 7
-    batch = next(SFTBatchIterator(dataset, micro_batch_size=7, shuffle=False))
+    batch = next(SFTBatchIterator(dataset, micro_batch_size=7, shuffle=False, pad_to_max_length=True))
     assert batch["tokens"].shape == (7, 400) and batch["tokens"].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32 and batch["position_ids"].dtype == torch.int64
     for row, ex in enumerate(examples):
@@ -261,8 +262,8 @@ def test_resume_reproduces_batches(sp_tok, gsm8k_examples, pack):
     for it in (single, shard0, shard1):
         it.load_state_dict(state)
     for _ in range(3):
-        both = [next(shard0), next(shard1)]
         got = next(single)
+        both = [pad_batch(next(shard), got["tokens"].shape[1], sp_tok.pad_id) for shard in (shard0, shard1)]
         assert all(torch.equal(got[k], torch.cat([both[0][k], both[1][k]])) for k in got)
     with pytest.raises(ValueError, match="seed=7 cannot resume with seed=8"):
         SFTBatchIterator(dataset, 2, seed=8, pack=pack).load_state_dict(state)
@@ -319,3 +320,122 @@ def test_extract_gsm8k_answer():
     assert extract_gsm8k_answer("#### 18.00") == extract_gsm8k_answer("#### 18") == "18"
     assert extract_gsm8k_answer("The answer is 7") is None
     assert extract_gsm8k_answer("#### seven") is None
+
+
+def supervised_end(batch):
+    """Per row, one past the last supervised position (every example's last label is supervised,
+    so this is where the row's examples end); 0 for an empty row."""
+    mask = batch["loss_mask"] > 0
+    positions = torch.arange(1, mask.shape[1] + 1)
+    return (mask * positions).max(dim=1).values
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_variable_length_is_the_padded_batch_cut_after_its_longest_row(sp_tok, gsm8k_examples, pack):
+    seq_length = 260  # not a multiple of 8, and shorter than some examples: the cap is reached
+    dataset = SFTDataset(gsm8k_examples[:40], sp_tok, seq_length=seq_length, template="{prompt}")
+    assert dataset.num_truncated > 0
+    kw = dict(micro_batch_size=3, num_shards=2, shard_index=1, seed=5, pack=pack, drop_last=False, num_epochs=1)
+    for multiple in (8, 1, 64):
+        lengths = []
+        full = list(SFTBatchIterator(dataset, pad_to_max_length=True, **kw))
+        short = list(SFTBatchIterator(dataset, pad_multiple=multiple, **kw))
+        assert len(short) == len(full) > 3
+        for got, want in zip(short, full):
+            assert want["tokens"].shape == (3, seq_length)
+            longest = int(supervised_end(want).max())
+            expected = min(seq_length, max(1, -(-longest // multiple)) * multiple)
+            assert got["tokens"].shape == (3, expected)
+            for key in want:
+                assert got[key].dtype == want[key].dtype
+                assert torch.equal(got[key], want[key][:, :expected]), key
+            assert (want["loss_mask"][:, expected:] == 0).all() and (want["tokens"][:, expected:] == 2).all()
+            padded = pad_batch(got, seq_length, sp_tok.pad_id)
+            assert all(torch.equal(padded[key], want[key]) for key in want)
+            lengths.append(expected)
+        assert seq_length in lengths
+        if not pack:
+            assert min(lengths) < seq_length - multiple
+        if multiple == 1:
+            assert any(n % 8 for n in lengths if n < seq_length)
+
+
+def test_variable_length_empty_micro_batch_and_bad_multiple(sp_tok, gsm8k_examples):
+    dataset = SFTDataset(gsm8k_examples[:7], sp_tok, seq_length=256, template="{prompt}")
+    # 7 rows over 3 shards x 2: the second step has one row, so shards 1 and 2 get only filler.
+    batches = [list(SFTBatchIterator(dataset, 2, num_shards=3, shard_index=k, shuffle=False, drop_last=False,
+                                     num_epochs=1, pad_multiple=16)) for k in range(3)]
+    assert [len(b) for b in batches] == [2, 2, 2]
+    for k in (1, 2):
+        last = batches[k][1]
+        assert last["tokens"].shape == (2, 16) and last["loss_mask"].sum() == 0
+        assert last["position_ids"].tolist() == [list(range(16))] * 2
+    assert batches[0][1]["tokens"].shape[1] == -(-(len(dataset.examples[6].ids) - 1) // 16) * 16
+    with pytest.raises(ValueError, match="--pad-multiple must be positive"):
+        SFTBatchIterator(dataset, 2, pad_multiple=0)
+
+
+# ---- masking is exact on a real megatron-core GPTModel ---------------------------------------
+def _loss_and_grads(config_dict: dict, batch_sets: dict) -> dict:
+    """Per batch set and per method ("full": every parameter trains; "hd-pissa": the factors),
+    the trainer's loss (masked token-loss sum / token count per micro-batch, averaged over the
+    micro-batches) and the gradients after its backward. Runs in a spawned single-rank process."""
+    from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
+    from megatron_hdpissa.models import ModelConfig, build_gpt_model
+
+    config = ModelConfig.from_dict(config_dict)
+    out = {}
+    for method in ("full", "hd-pissa"):
+        for name, batches in batch_sets.items():
+            torch.manual_seed(7)
+            model = build_gpt_model(config, seed=7)
+            if method == "hd-pissa":
+                apply_hd_pissa(model, HDPiSSAConfig(rank=4, alpha=4), progress=False)
+            else:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+            loss = 0.0
+            for batch in batches:
+                per_token = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                                  attention_mask=None, labels=batch["labels"])
+                mask = batch["loss_mask"]
+                loss = loss + (per_token.float() * mask).sum() / mask.sum().clamp(min=1) / len(batches)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            out[method, name] = (float(loss.detach()), grads)
+    return out
+
+
+def test_variable_length_loss_and_gradients_equal_padded_on_gptmodel(sp_tok, gsm8k_examples):
+    from megatron_hdpissa.models import ModelConfig
+    from tests.dist_utils import run_distributed
+
+    seq_length = 384
+    dataset = SFTDataset(gsm8k_examples[:12], sp_tok, seq_length=seq_length, template="{prompt}")
+    kw = dict(micro_batch_size=3, seed=3, num_epochs=1)
+    it = SFTBatchIterator(dataset, pad_multiple=8, **kw)
+    variable = [next(it), next(it)]
+    it = SFTBatchIterator(dataset, pad_to_max_length=True, **kw)
+    padded = [next(it), next(it)]
+    assert all(v["tokens"].shape[1] < seq_length - 64 for v in variable), [v["tokens"].shape for v in variable]
+    # Arbitrary ids in the padding of the full-length batches: they must not reach any real position.
+    generator = torch.Generator().manual_seed(0)
+    for v, p in zip(variable, padded):
+        n = v["tokens"].shape[1]
+        for key in ("tokens", "labels"):
+            p[key][:, n:] = torch.randint(3, 32000, p[key][:, n:].shape, generator=generator)
+    config = ModelConfig(  # LLaMA-shaped (GQA, untied embeddings), the SentencePiece vocabulary
+        model_type="llama", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8,
+        num_query_groups=4, kv_channels=8, vocab_size=32000, max_position_embeddings=512,
+        rope_theta=50000.0, norm_epsilon=1e-5, tie_word_embeddings=False, init_method_std=0.1,
+    )
+    (out,) = run_distributed(_loss_and_grads, 1, args=(config.to_dict(), {"variable": variable, "padded": padded}))
+    for method in ("full", "hd-pissa"):
+        loss_v, grads_v = out[method, "variable"]
+        loss_p, grads_p = out[method, "padded"]
+        assert loss_v == pytest.approx(loss_p, rel=1e-6) and loss_v > 1.0
+        assert set(grads_v) == set(grads_p) and len(grads_v) > 4
+        for name, g in grads_p.items():
+            scale = float(g.abs().max())
+            assert scale > 0, name
+            torch.testing.assert_close(grads_v[name], g, rtol=0, atol=1e-5 * scale, msg=name)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a legacy Megatron checkpoint (TP shards) back into a Hugging Face folder."""
+"""Convert a legacy Megatron checkpoint (TP shards, pipeline stages) back into a Hugging Face folder."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save", "--hf-dir", dest="save", required=True, help="output HF folder")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None,
                    help="expected TP size of the checkpoint (default: whatever it holds)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=None,
+                   help="expected pipeline size of the checkpoint (default: whatever it holds)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast weights (default: keep the checkpoint dtype)")
     p.add_argument("--max-shard-size-gb", type=float, default=4.0,
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
             dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
             force=args.force, progress=not args.no_progress,
             max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
-            tp_size=args.tensor_model_parallel_size,
+            tp_size=args.tensor_model_parallel_size, pp_size=args.pipeline_model_parallel_size,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

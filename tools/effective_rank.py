@@ -6,8 +6,8 @@ fine-tuned checkpoints against one base, JSON summary and a log-scale PNG of the
         --finetuned hd-pissa=runs/hd/hf lora=runs/lora/ckpt pissa=runs/pissa/hf \
         --json rank.json --plot spectra.png [--threshold 1e-3] [--reference lora]
 
-BASE and each fine-tuned path may be a Hugging Face folder or a Megatron checkpoint folder
-(auto-detected). The effective rank is the number of singular values above THRESHOLD x the
+BASE and each fine-tuned path may be a Hugging Face folder or a Megatron checkpoint folder of
+any tensor / pipeline parallel size (auto-detected). The effective rank is the number of singular values above THRESHOLD x the
 largest one (default 1e-3). A Megatron `--save` folder of a --peft lora / pissa run holds W_res,
 not the update: its adapter factors are merged here (s B A added; --no-merge-adapters disables
 that), or pass the run's merged `--export-hf` folder instead. HD-PiSSA and full fine-tuning

@@ -1,0 +1,63 @@
+"""The merged Hugging Face export of a trained model, gathered from every TP shard and pipeline stage."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpointing import merge_stage_state_dicts, split_state_dict
+from .distributed import ParallelGroups
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str, peft: str, log) -> None:
+    """Merge adapters (LoRA / PiSSA; HD-PiSSA's weights already are) and write an HF folder.
+    Collective. DP rank 0 of every (TP, PP) position writes its stage; rank 0 joins the stages
+    of each TP shard into a PP = 1 Megatron checkpoint and converts that."""
+    from .baselines import merge_lowrank
+    from .conversion import CHECKPOINT_FILE, TOKENIZER_DIR, convert_megatron_to_hf
+    from .models import MODEL_CONFIG_FILE
+
+    if peft in ("lora", "pissa"):
+        merge_lowrank(model)
+    rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
+    parent = Path(out_dir).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=parent)) if rank0 else None
+    if dist.is_initialized():
+        box = [str(tmp) if tmp else None]
+        dist.broadcast_object_list(box, src=0)
+        tmp = Path(box[0])
+    base, _ = split_state_dict(model)
+    if groups.dp_rank == 0:
+        torch.save(base, tmp / f"stage_tp_{groups.tp_rank:02d}_pp_{groups.pp_rank:03d}.pt")
+    _barrier()
+    if rank0:
+        try:
+            inner = getattr(model, "module", model)
+            tied = bool(getattr(inner, "share_embeddings_and_output_weights", False))
+            for t in range(groups.tp_size):
+                files = [tmp / f"stage_tp_{t:02d}_pp_{p:03d}.pt" for p in range(groups.pp_size)]
+                stages = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+                path = tmp / "iter_0000000" / f"mp_rank_{t:02d}" / CHECKPOINT_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"model": merge_stage_state_dicts(stages, tied), "iteration": 0,
+                            "tensor_model_parallel_size": groups.tp_size}, path)
+                for f in files:
+                    f.unlink()
+            shutil.copy2(base_dir / MODEL_CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
+            if (base_dir / TOKENIZER_DIR).is_dir():
+                shutil.copytree(base_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
+            convert_megatron_to_hf(tmp, out_dir, force=True, progress=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"exported the merged model to {out_dir}")
+    _barrier()

@@ -1,0 +1,85 @@
+"""What the trainer shows and hears: rank-0 log lines, progress bar, JSON lines and TensorBoard;
+SIGTERM / SIGINT turned into a checkpoint at the next step boundary."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class Logger:
+    """Rank-0 console lines, a progress bar, optional JSON lines and TensorBoard."""
+
+    def __init__(self, args, total: int, start: int):
+        self.rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
+        self.bar = None
+        if self.rank0 and not args.no_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+        self.json = open(args.log_json, "a") if (self.rank0 and args.log_json) else None
+        self.tb = None
+        if self.rank0 and args.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(args.tensorboard_dir)
+            except ImportError:
+                self.print("tensorboard is not installed: pip install tensorboard (logging without it)")
+
+    def print(self, msg: str):
+        if self.rank0:
+            (self.bar.write if self.bar else print)(msg, **({} if self.bar else {"flush": True}))
+
+    def scalars(self, it: int, **values):
+        if not self.rank0:
+            return
+        if self.json:
+            self.json.write(json.dumps({"iteration": it, **values}) + "\n")
+            self.json.flush()
+        if self.tb:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, it)
+
+    def step(self, postfix: dict):
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+        if self.json:
+            self.json.close()
+        if self.tb:
+            self.tb.close()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT (SLURM pre-emption, Ctrl-C) ask for a checkpoint at the next step boundary;
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)

