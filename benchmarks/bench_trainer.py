@@ -10,6 +10,9 @@ HD-PiSSA, the same seed and data) that differs only in its data flags:
     variable   (the default)          each micro-batch padded to its longest sequence, rounded up
                                       to --pad-multiple
     packed     --pack                 several examples per row, rows trimmed like `variable`
+    floor      (optional) the padded run on 16-token rows of a tiny question / answer set: what
+               a step costs that does not scale with the tokens (optimizer, aggregation,
+               per-micro-batch overheads), the bound on what shorter batches can save
 
 The trainer runs unchanged. Each rank is started through this file (`--worker`), which times
 the trainer from the data side: a step starts when the trainer asks the data iterator for its
@@ -40,7 +43,9 @@ MODES = {
     "padded": ["--pad-to-max-length"],
     "variable": [],
     "packed": ["--pack"],
+    "floor": ["--pad-to-max-length", "--seq-length", "16", "--prompt-template", "{prompt}"],
 }
+FLOOR_EXAMPLES = 256
 TIMINGS_ENV = "BENCH_TRAINER_TIMINGS"  # the worker's output file, per rank
 FORCE_PAD_ENV = "BENCH_TRAINER_FORCE_PAD"  # set by --force-padding-hook: see there
 
@@ -89,7 +94,7 @@ def run_worker(argv: list[str]) -> None:
 # ---- the parent ------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--modes", default="padded,variable,packed", help="comma-separated, from " + ",".join(MODES))
+    p.add_argument("--modes", default="padded,variable,packed,floor", help="comma-separated, from " + ",".join(MODES))
     p.add_argument("--num-layers", type=int, default=None, help="first N layers of SmolLM2 (default: all 30)")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks (torchrun processes)")
@@ -165,6 +170,10 @@ def prepare(args) -> tuple[Path, Path]:
     if not train_path.exists():
         train, _ = split_gsm8k(str(gsm8k_test_path()), num_heldout=319, seed=0)
         write_jsonl(train, str(train_path))
+    floor_path = work / "floor.jsonl"
+    if not floor_path.exists():
+        write_jsonl([{"question": f"{i} + 1 =", "answer": f"{i + 1}"} for i in range(FLOOR_EXAMPLES)],
+                    str(floor_path))
     return base, train_path
 
 
@@ -179,10 +188,15 @@ def trainer_flags(args, base: Path, train_path: Path, mode: str) -> list[str]:
         "--peft", "hd-pissa", "--hd-pissa-rank", str(args.hd_pissa_rank), "--hd-pissa-svd", "randomized",
         "--log-interval", "1", "--no-progress", "--seed", "1234",
     ]
-    if mode != "padded" or not args.force_padding_hook:
+    padded = "--pad-to-max-length" in MODES[mode]
+    if not (padded and args.force_padding_hook):
         flags += MODES[mode]
-    if mode != "padded" and not args.force_padding_hook:
+    elif mode == "floor":
+        flags += MODES[mode][1:]
+    if not padded and not args.force_padding_hook:
         flags += ["--pad-multiple", str(args.pad_multiple)]
+    if mode == "floor":
+        flags += ["--data-path", str(train_path.with_name("floor.jsonl"))]
     return flags
 
 
@@ -197,7 +211,7 @@ def run_mode(args, base, train_path, mode: str, tmp: Path, log) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **{TIMINGS_ENV: str(timings)})
-    env[FORCE_PAD_ENV] = "1" if (mode == "padded" and args.force_padding_hook) else "0"
+    env[FORCE_PAD_ENV] = "1" if ("--pad-to-max-length" in MODES[mode] and args.force_padding_hook) else "0"
     log(f"\n[{mode}] " + shlex.join(cmd))
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -300,6 +314,14 @@ def ratio_lines(results: dict, args) -> list[str]:
         if mode == "variable":
             line += f"; target >= {args.target:.2f}x: {'met' if ratio >= args.target else 'NOT met'}"
         out.append(line)
+    floor = results.get("floor")
+    if pad and floor and "variable" in results:
+        key = f"median_{args.basis}_s"
+        var = results["variable"]
+        out.append(f"- floor (16-token rows): {floor[key]:.2f} s {args.basis} per step does not scale with the tokens; "
+                   f"on the rest, padded / variable = {(pad[key] - floor[key]) / (var[key] - floor[key]):.2f}x; "
+                   f"the best padded / variable this floor allows at the positions ratio above is "
+                   f"{pad[key] / (floor[key] + (pad[key] - floor[key]) * var['positions_per_step'] / pad['positions_per_step']):.2f}x")
     if pad and "variable" in results:
         a, b = pad["losses_by_round"][0], results["variable"]["losses_by_round"][0]
         if a and len(a) == len(b):

@@ -15,10 +15,8 @@ exports an HD-PiSSA run's SAVE folder directly (its weights are already merged).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
-import re
 import random
 import shutil
 from pathlib import Path
@@ -81,10 +79,7 @@ def rank_file(iter_dir: Path, groups: ParallelGroups) -> Path:
 
 def model_file(ckpt_dir, iteration, tp_rank: int, pp_rank: int = 0, pp_size: int = 1) -> Path:
     """Megatron's legacy shard path: `iter_X/mp_rank_TT/...`, or `mp_rank_TT_PPP/...` at PP > 1."""
-    if "pp_size" in inspect.signature(conversion.rank_checkpoint_path).parameters:
-        return conversion.rank_checkpoint_path(ckpt_dir, iteration, tp_rank, pp_rank=pp_rank, pp_size=pp_size)
-    name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp_size > 1 else "")
-    return Path(ckpt_dir) / iteration_dir_name(iteration) / name / CHECKPOINT_FILE
+    return conversion.rank_checkpoint_path(ckpt_dir, iteration, tp_rank, pp_rank=pp_rank, pp_size=pp_size)
 
 
 def save_checkpoint(save_dir, iteration: int, model: nn.Module, rank_state: dict, meta: dict,
@@ -193,84 +188,3 @@ def load_adapter_params(model: nn.Module, adapter_state: dict, path_hint: str) -
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.load_state_dict(adapter_state, strict=False)
 
-
-# ---- pipeline stages: loading a stage, merging stages ------------------------------------------
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-def layer_offset(model: nn.Module) -> int:
-    """Global index of this stage's first transformer layer (megatron-core numbers from 1)."""
-    module = getattr(model, "module", model)
-    layers = module.decoder.layers
-    return int(layers[0].layer_number) - 1 if len(layers) else 0
-
-
-def stage_state_dict(full: dict, model: nn.Module) -> dict:
-    """This stage's slice of a whole-model (PP = 1) state dict: its layers renumbered from 0,
-    the tied output layer of the last stage filled from the word embeddings."""
-    offset, out = layer_offset(model), {}
-    for key in model.state_dict():
-        if is_adapter_key(key):
-            continue
-        m = _LAYER.match(key)
-        src = f"decoder.layers.{int(m.group(1)) + offset}.{key[m.end():]}" if m else key
-        if src not in full and key == "output_layer.weight":
-            src = "embedding.word_embeddings.weight"
-        if src in full:
-            out[key] = full[src]
-    return out
-
-
-def merge_stage_state_dicts(stages: list[dict], tied: bool) -> dict:
-    """The whole-model state dict of one TP rank from its stages' dicts (local layer numbers),
-    in stage order; a tied output layer (a copy of the first stage's embedding) is dropped."""
-    merged, offset = {}, 0
-    for i, sd in enumerate(stages):
-        count = 0
-        for key, value in sd.items():
-            m = _LAYER.match(key)
-            if m:
-                count = max(count, int(m.group(1)) + 1)
-                key = f"decoder.layers.{int(m.group(1)) + offset}.{key[m.end():]}"
-            elif key == "output_layer.weight" and tied and i > 0:
-                continue
-            merged[key] = value
-        offset += count
-    return merged
-
-
-def _tracked(ckpt_dir):
-    tracker = Path(ckpt_dir) / TRACKER_FILE
-    if not tracker.is_file():
-        raise FileNotFoundError(f"{tracker} is missing: {ckpt_dir} is not a legacy Megatron checkpoint")
-    text = tracker.read_text().strip()
-    return "release" if text == "release" else latest_iteration(ckpt_dir)
-
-
-def load_base_weights(model: nn.Module, ckpt_dir, groups: ParallelGroups) -> None:
-    """Load this rank's shard of a converted or training checkpoint (strict). At PP > 1: the
-    stage's own `mp_rank_TT_PPP` file, or, from a PP = 1 checkpoint, this stage's layers."""
-    if groups.pp_size == 1:
-        conversion.load_megatron_checkpoint(model, ckpt_dir)
-        return
-    it = _tracked(ckpt_dir)
-    staged = model_file(ckpt_dir, it, groups.tp_rank, groups.pp_rank, groups.pp_size)
-    if staged.is_file():
-        state = torch.load(staged, map_location="cpu", weights_only=True)
-        saved_pp = state.get("pipeline_model_parallel_size", groups.pp_size)
-        if saved_pp != groups.pp_size:
-            raise ValueError(f"{staged} was saved with --pipeline-model-parallel-size {saved_pp}; this run "
-                             f"has {groups.pp_size}")
-        state = state["model"]
-    else:
-        pp_dirs = sorted(Path(staged).parent.parent.glob(f"mp_rank_{groups.tp_rank:02d}_*"))
-        if pp_dirs:
-            raise ValueError(f"{ckpt_dir} holds {len(pp_dirs)} pipeline stages but this run has "
-                             f"--pipeline-model-parallel-size {groups.pp_size}; convert it for "
-                             f"{groups.pp_size} stages (or to PP = 1)")
-        full = conversion.load_megatron_state_dict(ckpt_dir, groups.tp_rank, groups.tp_size)
-        state = stage_state_dict(full, model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{ckpt_dir}: the weights do not fit pipeline stage {groups.pp_rank}: {e}") from e

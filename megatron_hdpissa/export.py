@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpointing import merge_stage_state_dicts, split_state_dict
+from .checkpointing import model_file, split_state_dict
 from .distributed import ParallelGroups
 
 
@@ -19,10 +19,10 @@ def _barrier():
 
 def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str, peft: str, log) -> None:
     """Merge adapters (LoRA / PiSSA; HD-PiSSA's weights already are) and write an HF folder.
-    Collective. DP rank 0 of every (TP, PP) position writes its stage; rank 0 joins the stages
-    of each TP shard into a PP = 1 Megatron checkpoint and converts that."""
+    Collective: DP rank 0 of every (TP, PP) position writes its shard into a temporary Megatron
+    checkpoint, which rank 0 converts (the converter joins TP shards and pipeline stages)."""
     from .baselines import merge_lowrank
-    from .conversion import CHECKPOINT_FILE, TOKENIZER_DIR, convert_megatron_to_hf
+    from .conversion import TOKENIZER_DIR, convert_megatron_to_hf
     from .models import MODEL_CONFIG_FILE
 
     if peft in ("lora", "pissa"):
@@ -36,22 +36,14 @@ def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str
         dist.broadcast_object_list(box, src=0)
         tmp = Path(box[0])
     base, _ = split_state_dict(model)
-    if groups.dp_rank == 0:
-        torch.save(base, tmp / f"stage_tp_{groups.tp_rank:02d}_pp_{groups.pp_rank:03d}.pt")
+    if groups.dp_rank == 0:  # every (TP, PP) position writes its shard of the Megatron layout
+        path = model_file(tmp, 0, groups.tp_rank, groups.pp_rank, groups.pp_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": base, "iteration": 0, "tensor_model_parallel_size": groups.tp_size,
+                    "pipeline_model_parallel_size": groups.pp_size}, path)
     _barrier()
     if rank0:
         try:
-            inner = getattr(model, "module", model)
-            tied = bool(getattr(inner, "share_embeddings_and_output_weights", False))
-            for t in range(groups.tp_size):
-                files = [tmp / f"stage_tp_{t:02d}_pp_{p:03d}.pt" for p in range(groups.pp_size)]
-                stages = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-                path = tmp / "iter_0000000" / f"mp_rank_{t:02d}" / CHECKPOINT_FILE
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"model": merge_stage_state_dicts(stages, tied), "iteration": 0,
-                            "tensor_model_parallel_size": groups.tp_size}, path)
-                for f in files:
-                    f.unlink()
             shutil.copy2(base_dir / MODEL_CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
             if (base_dir / TOKENIZER_DIR).is_dir():
                 shutil.copytree(base_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)

@@ -67,7 +67,7 @@ class FinetuneRecipe:
         self.resume()
 
     def setup_model(self) -> None:
-        from .conversion import TOKENIZER_DIR
+        from .conversion import TOKENIZER_DIR, load_megatron_checkpoint
         from .models import ModelConfig, build_gpt_model, parallelism_overrides
         from .tokenizer import build_tokenizer, check_vocab_fits
 
@@ -92,7 +92,7 @@ class FinetuneRecipe:
             overrides.update(pipeline_model_parallel_size=g.pp_size, pipeline_dtype=dtype)
         self.model = build_gpt_model(model_config, dtype=dtype, seed=args.seed, pre_process=g.is_first_stage,
                                      post_process=g.is_last_stage, **overrides)
-        checkpointing.load_base_weights(self.model, self.base_dir, g)
+        load_megatron_checkpoint(self.model, self.base_dir)  # this rank's TP shard and stage
         self.model.to(self.device)
         self.log(f"loaded {'training checkpoint' if self.resuming else 'base'} {self.base_dir} (TP={g.tp_size}, "
                  f"PP={g.pp_size}, DP={g.dp_size}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M "

@@ -92,6 +92,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self.check_interval = int(getattr(cfg, "consistency_check_interval", 0))
         self.bucket_size = int(bucket_size or getattr(cfg, "bucket_size", 1 << 24))
         self.aggregation = aggregation or getattr(cfg, "aggregation", "auto")
+        mode = resolve_mode(master_weights or getattr(cfg, "master_weights", "auto"), unique_weights(entries))
         self.num_steps = 0
         self.last_step_bytes = {"deltas": 0, "dense": 0, "params": 0}
         self.clip_grad = float(clip_grad)
@@ -109,7 +110,6 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             self.others_optimizer = build_others_optimizer(self.ddp, lr, weight_decay, betas, eps, others_optimizer)
         elif others_optimizer not in ("auto", "builtin"):
             raise ValueError(f"others_optimizer must be auto, megatron or builtin, got {others_optimizer!r}")
-        mode = resolve_mode(master_weights or getattr(cfg, "master_weights", "auto"), unique_weights(entries))
         choose_paths(entries, self.aggregation)
         self.weight_store = MasterWeights(entries, mode, self.groups, self.bucket_size)
         if mode == "sharded-fp32":  # through self, so a wrapped finish_param_gather sees the waits

@@ -65,9 +65,15 @@ def _logits(ckpt_dir, tokens):
         return model(input_ids=tokens, position_ids=torch.arange(tokens.shape[1])[None], attention_mask=None)
 
 
-def _weights(ckpt_dir, iteration):
-    path = Path(ckpt_dir) / f"iter_{iteration:07d}" / "mp_rank_00" / "model_optim_rng.pt"
-    return torch.load(path, weights_only=True)["model"]
+def _weights(ckpt_dir, iteration, pp: int = 1):
+    """TP rank 0's whole-model weights (pipeline stages joined)."""
+    from megatron_hdpissa.conversion import merge_pipeline_stages
+    from megatron_hdpissa.models import ModelConfig
+
+    it = Path(ckpt_dir) / f"iter_{iteration:07d}"
+    names = ["mp_rank_00"] if pp == 1 else [f"mp_rank_00_{p:03d}" for p in range(pp)]
+    stages = [torch.load(it / n / "model_optim_rng.pt", weights_only=True)["model"] for n in names]
+    return stages[0] if pp == 1 else merge_pipeline_stages(stages, ModelConfig.load(ckpt_dir))
 
 
 def test_finetune_lowers_heldout_loss_and_export_matches(material):
@@ -95,19 +101,25 @@ def test_finetune_lowers_heldout_loss_and_export_matches(material):
 NORMS = {"--hd-pissa-trainable-modules": "re:.*layernorm.*"}  # stepped by megatron-core's optimizer
 
 
-def test_kill_and_resume_reproduces_uninterrupted_run(material):
+# DP=2; and PP=2 x DP=1 with two virtual ranks (K = 2 either way), one layer per stage
+LAYOUTS = {"dp2": ({}, 1), "pp2": ({"--pipeline-model-parallel-size": 2, "--hd-pissa-virtual-ranks": 2}, 2)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
     root = material["root"]
-    full = root / "uninterrupted"
-    r_full = run_distributed(_main, 2, 1, args=(common_args(material, **{"--train-iters": 6, "--save": full,
-                                                                         **NORMS}),))[0]
+    flags, pp = LAYOUTS[layout]
+    full = root / f"uninterrupted_{layout}"
+    r_full = run_distributed(_main, 2, 1, pp=pp, args=(common_args(material, **{
+        "--train-iters": 6, "--save": full, **NORMS, **flags}),))[0]
     assert r_full["others_optimizer"] == "ChainedOptimizer", "norms go through get_megatron_optimizer"
 
-    killed = root / "killed"
+    killed = root / f"killed_{layout}"
     from megatron_hdpissa.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "megatron_hdpissa.finetune",
-           *common_args(material, **{"--train-iters": 6, "--save": killed, "--save-interval": 2, **NORMS})]
+           *common_args(material, **{"--train-iters": 6, "--save": killed, "--save-interval": 2, **NORMS, **flags})]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -125,10 +137,10 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material):
     saved_at = int(tracker.read_text())
     assert 2 <= saved_at < 6
 
-    r = run_distributed(_main, 2, 1, args=(common_args(material, **{"--train-iters": 6, "--save": killed,
-                                                                     "--load": killed, **NORMS}),))[0]
+    r = run_distributed(_main, 2, 1, pp=pp, args=(common_args(material, **{
+        "--train-iters": 6, "--save": killed, "--load": killed, **NORMS, **flags}),))[0]
     assert r["start"] == saved_at
-    a, b, a0 = _weights(full, 6), _weights(killed, 6), _weights(material["base"], 0)
+    a, b, a0 = _weights(full, 6, pp), _weights(killed, 6, pp), _weights(material["base"], 0)
     norms = [k for k in a if "layernorm" in k or "layer_norm" in k]
     assert norms and any(not torch.equal(a[k], a0[k]) for k in norms), "the norms were trained"
     for k in a:
@@ -140,6 +152,10 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material):
         for key, st in sa["optimizer"]["state"].items():
             assert torch.equal(st["exp_avg_sq"], sb["optimizer"]["state"][key]["exp_avg_sq"])
         assert sa["data"] == sb["data"]
+    if pp > 1:  # the factors and moments belong to one stage: another PP is refused, naming the flag
+        msg = run_distributed(_expect_error, 1, 1, args=(common_args(material, **{
+            "--train-iters": 8, "--load": killed, **NORMS, "--hd-pissa-virtual-ranks": 2}),))[0]
+        assert "--pipeline-model-parallel-size = 2, this run has 1" in msg, msg
 
 
 def _descendants(pid: int) -> list[int]:

@@ -31,10 +31,11 @@ def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy2(f, hf / f.name)
     base = convert_hf_to_megatron(hf, root / "base", tp_size=1, progress=False)
+    base_tp2 = convert_hf_to_megatron(hf, root / "base_tp2", tp_size=2, progress=False)
     train, heldout = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
     write_jsonl(train[:48], str(root / "train.jsonl"))
     write_jsonl(heldout[:6], str(root / "heldout.jsonl"))
-    return {"root": root, "hf": hf, "base": base, "train": root / "train.jsonl", "heldout": root / "heldout.jsonl"}
+    return {"root": root, "hf": hf, "base": base, "base_tp2": base_tp2, "train": root / "train.jsonl", "heldout": root / "heldout.jsonl"}
 
 
 def _argv(m, run: str, **over):
@@ -64,14 +65,15 @@ def _losses(m, run):
 
 def _merged_weights(save: Path, iteration: int, tp: int = 1, pp: int = 1) -> list[dict]:
     """Whole-model state dict of each TP rank of a training checkpoint (stages joined)."""
-    from megatron_hdpissa.checkpointing import merge_stage_state_dicts
+    from megatron_hdpissa.conversion import merge_pipeline_stages
+    from megatron_hdpissa.models import ModelConfig
 
     it = save / f"iter_{iteration:07d}"
     out = []
     for t in range(tp):
         names = [f"mp_rank_{t:02d}"] if pp == 1 else [f"mp_rank_{t:02d}_{p:03d}" for p in range(pp)]
         stages = [torch.load(it / n / "model_optim_rng.pt", weights_only=True)["model"] for n in names]
-        out.append(merge_stage_state_dicts(stages, tied=True))
+        out.append(merge_pipeline_stages(stages, ModelConfig.load(save)))
     return out
 
 
@@ -148,7 +150,9 @@ def test_baselines_at_pp2_equal_pp1(tiny, peft):
 def test_pp2_tp2_equals_tp1(tiny):
     run_distributed(_main, 1, 1, args=(_argv(tiny, "tp1"),))
     run_distributed(_main, 4, 2, args=(_argv(tiny, "tp2pp2", **{"--pipeline-model-parallel-size": 2,
-                                                                "--tensor-model-parallel-size": 2}),), pp=2)
+                                                                "--tensor-model-parallel-size": 2,
+                                                                "--pretrained-checkpoint": tiny["base_tp2"]}),),
+                    pp=2)
     _assert_same_run(tiny, "tp1", "tp2pp2", tp_b=2, pp_b=2, rel=1e-4)
 
 

@@ -25,8 +25,11 @@ def _adapted_model(ckpt: str, method: str, overrides: dict):
     from megatron_hdpissa.conversion import load_gpt_model
 
     model, _ = load_gpt_model(ckpt, **overrides)
+    # "hd-pissa-norms" also trains every RMSNorm data-parallel: under SP each TP rank sees only
+    # its tokens, so the norms' gradients must be summed over TP
+    norms = ["input_layernorm", "pre_mlp_layernorm", "final_layernorm"] if method == "hd-pissa-norms" else []
     cfg = HDPiSSAConfig(rank=R, alpha=ALPHA, update_factors=method == "hd-pissa-moving",
-                        consistency_check_interval=1)
+                        consistency_check_interval=1, trainable_modules=norms)
     if method.startswith("hd-pissa"):
         apply_hd_pissa(model, cfg, progress=False)
         return model, HDPiSSAOptimizer(model, lr=LR)
@@ -73,7 +76,9 @@ def _rel(a, b) -> float:
 
 
 def _replicated(name: str) -> bool:
-    """Factors replicated over TP: column-parallel A, row-parallel B."""
+    """Replicated over TP: norms, column-parallel A, row-parallel B."""
+    if name.endswith("layernorm.weight"):
+        return True
     row = ".linear_proj." in name or ".linear_fc2." in name
     return (".b." in name) if row else (".a." in name)
 
@@ -120,7 +125,7 @@ def check_replicated_identical(runs):
         first = group[0]
         for other in group[1:]:
             for name in first["after"]:
-                if _replicated(name) and (".hd_pissa." in name or ".lora." in name):
+                if _replicated(name) and (".hd_pissa." in name or ".lora." in name or "layernorm" in name):
                     assert torch.equal(first["after"][name], other["after"][name]), name
                     checked += 1
             for g0, g1 in zip(first["grads"], other["grads"]):
@@ -130,16 +135,16 @@ def check_replicated_identical(runs):
     assert checked > 0
 
 
-def train_all(ckpt: str, runs: list, steps: int = STEPS):
+def train_all(ckpt: str, runs: list, steps: int = STEPS, seq: int = SEQ):
     """Several independent trainings in one set of processes (spawning is the slow part)."""
-    return [train(ckpt, method, overrides, steps) for method, overrides in runs]
+    return [train(ckpt, method, overrides, steps, seq) for method, overrides in runs]
 
 
 def _by_run(per_rank: list, index: int) -> list:
     return [rank_results[index] for rank_results in per_rank]
 
 
-METHODS = ["hd-pissa", "hd-pissa-moving", "lora", "pissa"]
+METHODS = ["hd-pissa", "hd-pissa-moving", "hd-pissa-norms", "lora", "pissa"]
 RECOMPUTE = {
     "full-uniform": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     # block, 1 of 2 layers: layer 0 checkpointed, layer 1 not, so the loss still requires grad
@@ -187,3 +192,46 @@ def test_recompute_gradients_equal_no_recompute(recompute_runs, name):
     """Adapter gradients under recompute equal those without it, the first checkpointed block's
     input (a frozen embedding's output) not requiring grad."""
     compare(recompute_runs[name], recompute_runs["none"], grad_tol=1e-6)
+
+
+def test_sequence_parallel_smollm2_tp3_dp2(smollm2_hf_dir, tmp_path):
+    """The real (truncated) SmolLM2 at TP=3 x DP=2: tied embeddings, 9 heads / 3 KV groups."""
+    from megatron_hdpissa.conversion import convert_hf_to_megatron
+
+    ckpt = str(convert_hf_to_megatron(smollm2_hf_dir, tmp_path / "tp3", 3, progress=False))
+    runs = [("hd-pissa", {"sequence_parallel": True}), ("hd-pissa", {})]
+    per_rank = run_distributed(train_all, 6, 3, args=(ckpt, runs, 2, 24))
+    compare(_by_run(per_rank, 0), _by_run(per_rank, 1))
+    check_replicated_identical(_by_run(per_rank, 0))
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(tp_size=1, sequence_parallel=True), "--sequence-parallel needs --tensor-model-parallel-size"),
+    (dict(tp_size=2, seq_length=15, sequence_parallel=True), "--seq-length 15 is not divisible"),
+    (dict(recompute_method="uniform"), "--recompute-granularity"),
+    (dict(recompute_granularity="partial"), "--recompute-granularity 'partial'"),
+    (dict(recompute_granularity="full"), "--recompute-method"),
+    (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=5),
+     "--recompute-num-layers 5"),
+    (dict(recompute_granularity="selective", recompute_num_layers=1), "selective takes no"),
+])
+def test_bad_parallelism_flags_name_the_flag(kwargs, flag):
+    from megatron_hdpissa.models import parallelism_overrides
+
+    args = dict(tp_size=2, seq_length=16, num_layers=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=flag.replace("(", r"\(")):
+        parallelism_overrides(args.pop("tp_size"), args.pop("seq_length"), args.pop("num_layers"), **args)
+
+
+def test_overrides_reach_transformer_config():
+    from megatron_hdpissa.models import parallelism_overrides
+
+    out = parallelism_overrides(2, 16, 4, pp_size=2, sequence_parallel=True,
+                                recompute_granularity="full", recompute_method="block",
+                                recompute_num_layers=2)
+    assert out == {"sequence_parallel": True, "recompute_granularity": "full",
+                   "recompute_method": "block", "recompute_num_layers": 2}
+    with pytest.raises(ValueError, match="between 1 and the 2 layers"):
+        parallelism_overrides(2, 16, 4, pp_size=2, recompute_granularity="full",
+                              recompute_method="block", recompute_num_layers=3)

@@ -1,0 +1,437 @@
+"""megatron-core `torch_dist` checkpoints (`megatron.core.dist_checkpointing`) of a GPTModel plus
+caller state, saved atomically in Megatron-LM's layout and loadable at any TP / PP layout.
+
+Layout (what Megatron-LM's `--ckpt-format torch_dist` writes, plus our config files):
+
+    DIR/latest_checkpointed_iteration.txt   the iteration; written last
+    DIR/iter_XXXXXXX/metadata.json          megatron-core: {"sharded_backend": "torch_dist", ...}
+    DIR/iter_XXXXXXX/common.pt              megatron-core: the non-sharded part (rank 0's)
+    DIR/iter_XXXXXXX/.metadata              torch.distributed.checkpoint's index of the shards
+    DIR/iter_XXXXXXX/__R_F.distcp           the tensor shards rank R wrote
+    DIR/model_config.json, DIR/tokenizer/   as in the legacy layout (conversion.py)
+
+The state dict saved is `{"model": model.sharded_state_dict(), **extra_sharded, **common}`
+(Megatron-LM's convention: sharded values anywhere in the nesting are sharded, plain values go
+into `common.pt`). Tensors are keyed globally (global layer numbers, whole-model shapes), so any
+TP / PP layout that can build the model can load them; megatron-core reshards.
+
+Saving is atomic: every rank writes into `DIR/iter_XXXXXXX.tmp/`; after all ranks finished, rank
+0 renames it into place and then rewrites the tracker (temp file + `os.replace`). A crash before
+the rename leaves the previous iteration folder and tracker untouched.
+
+Loading never unpickles arbitrary objects: `common.pt` and sharded objects are read with
+`torch.load(weights_only=True)`, and the pickled `.metadata` index through an allow-list of
+`torch.distributed.checkpoint` metadata classes (see `_SafeMetadataUnpickler`).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+TORCH_DIST = "torch_dist"
+TORCH = "torch"
+CKPT_FORMATS = (TORCH_DIST, TORCH)  # Megatron-LM's --ckpt-format names (default torch_dist)
+CKPT_FORMAT_FLAG = "--ckpt-format"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+DIST_METADATA_FILE = "metadata.json"   # megatron-core's CheckpointingConfig
+COMMON_FILE = "common.pt"              # megatron-core's COMMON_STATE_FNAME
+DCP_METADATA_FILE = ".metadata"        # torch.distributed.checkpoint's index
+TMP_SUFFIX = ".tmp"
+# Keys of the common state this module writes itself (the caller's common state sits next to them).
+COMMON_LAYOUT_KEY = "hdpissa_layout"
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+# ---- format detection -------------------------------------------------------------------------
+def is_dist_checkpoint_dir(iter_dir) -> bool:
+    """True when `iter_dir` (an `iter_XXXXXXX` folder) holds a finished megatron-core
+    dist_checkpointing save (its `metadata.json` is written after all shards)."""
+    path = Path(iter_dir) / DIST_METADATA_FILE
+    if not path.is_file():
+        return False
+    try:
+        backend = json.loads(path.read_text()).get("sharded_backend")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a megatron-core checkpoint config: {e}") from None
+    if backend != TORCH_DIST:
+        raise ValueError(f"{path}: sharded_backend {backend!r} is not supported (only {TORCH_DIST!r})")
+    return True
+
+
+# ---- the save strategy ------------------------------------------------------------------------
+def sync_save_strategy(thread_count: int = 1):
+    """A torch_dist save strategy that writes in the calling process.
+
+    Why not megatron-core's default (`TorchDistSaveShardedStrategy`, 0.16.1): even a synchronous
+    save runs its async machinery. `FileSystemWriterAsync.prepare_write_data` gets a results
+    queue from `filesystem_async._get_write_results_queue()`, which starts a
+    `multiprocessing.get_context("spawn").Manager()` server process. A spawned child re-imports
+    the parent's `__main__` (`multiprocessing.spawn._fixup_main_from_path`); in a training script
+    whose distributed setup runs at module level (or under any launcher whose main module joins
+    the process group on import) that child joins the process group / TCP store again and blocks
+    there, and the rank blocks forever in `Manager.start()` waiting for the server's address.
+    Measured here: 2 gloo ranks under torchrun, the Manager child stuck in `new_group` inside the
+    re-executed main module. Even where the Manager starts (a guarded main), the strategy then
+    calls `torch.cuda.synchronize()` unconditionally when staging tensors (fails on CPU-only
+    torch) and forks one writer process per bucket after gloo's threads exist.
+
+    This strategy keeps megatron-core's planning and format (same state-dict translation, same
+    `MCoreSavePlanner`, backend "torch_dist" version 1, readable by the default load strategy) but
+    writes with torch.distributed.checkpoint's synchronous `FileSystemWriter`: no processes, no
+    Manager, `thread_count` writer threads (1: the calling thread). The async path stays
+    available on the returned object (`async_save`, inherited) for `--async-save` on GPU.
+    """
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    class SyncTorchDistSaveShardedStrategy(mcore_torch.TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            from torch.distributed import checkpoint as dcp
+
+            flat, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            pyt_state_dict = mcore_torch.mcore_to_pyt_state_dict(flat, False)
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
+                                          sync_files=True, thread_count=self.thread_count)
+            planner = mcore_torch.MCoreSavePlanner(
+                dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False,
+                can_run_decentralized_global_plan=False)
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+    return SyncTorchDistSaveShardedStrategy(TORCH_DIST, 1, thread_count=thread_count)
+
+
+# ---- safe loading -----------------------------------------------------------------------------
+_ALLOWED_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint._extension",
+)
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"), ("torch", "float32"), ("torch", "float64"), ("torch", "float16"),
+    ("torch", "bfloat16"), ("torch", "int64"), ("torch", "int32"), ("torch", "int16"),
+    ("torch", "int8"), ("torch", "uint8"), ("torch", "bool"), ("torch", "strided"),
+    ("torch", "contiguous_format"), ("torch", "preserve_format"), ("torch", "channels_last"),
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "slice"), ("builtins", "getattr"), ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+}
+
+
+class _SafeMetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's `.metadata` index (a `Metadata` dataclass of
+    tensor / chunk / byte descriptors) and refuses every other global, so a crafted checkpoint
+    cannot run code on load."""
+
+    def find_class(self, module: str, name: str):
+        if module in _ALLOWED_METADATA_MODULES or (module, name) in _ALLOWED_GLOBALS:
+            if (module, name) == ("builtins", "getattr"):
+                return _safe_getattr
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"checkpoint index refers to {module}.{name}, which a torch_dist checkpoint's "
+            f"{DCP_METADATA_FILE} never holds; refusing to unpickle it")
+
+
+def _safe_getattr(obj, name: str):
+    # torch pickles dtypes and memory formats as getattr(torch, "float32") on some versions
+    if obj is torch and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
+        return getattr(torch, name)
+    raise pickle.UnpicklingError(f"checkpoint index calls getattr({obj!r}, {name!r}); refusing")
+
+
+def read_dcp_metadata(iter_dir):
+    """torch.distributed.checkpoint's `Metadata` of a torch_dist folder, read with the allow-list
+    unpickler."""
+    path = Path(iter_dir) / DCP_METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {iter_dir} is not a finished torch_dist checkpoint")
+    with open(path, "rb") as f:
+        try:
+            return _SafeMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _load_weights_only(path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot read {what} {path} with torch.load(weights_only=True): {e}") from e
+
+
+def _safe_common_strategy():
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
+        """megatron-core's common-state loader with `weights_only=True` spelled out (megatron-core
+        0.16.1 calls plain `torch.load`, whose default depends on the torch version and on
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
+
+        def load_common(self, checkpoint_dir):
+            from megatron.core.dist_checkpointing.core import CheckpointingException
+
+            try:
+                return _load_weights_only(Path(checkpoint_dir) / COMMON_FILE, "common state")
+            except FileNotFoundError as e:
+                raise CheckpointingException(f"{Path(checkpoint_dir) / COMMON_FILE} does not exist") from e
+
+        def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+            raise NotImplementedError("sharded objects are stored inside the torch_dist shards")
+
+    return WeightsOnlyCommonLoadStrategy()
+
+
+def _safe_sharded_strategy():
+    """megatron-core's torch_dist load strategy reading the `.metadata` index through the
+    allow-list and sharded objects (`_extra_state` and the like) with `weights_only=True`.
+    torch's `DefaultLoadPlanner.load_bytes` calls `torch.load(..., weights_only=False)` and
+    `FileSystemReader.read_metadata` plain `pickle.load`; megatron-core 0.16.1 builds both inside
+    `TorchDistLoadShardedStrategy.load`, so the two hooks are swapped for the duration of the
+    call."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+
+    class SafeReader(CachedMetadataFileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if self._cached_metadata is None:
+                metadata = read_dcp_metadata(self.path)
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._cached_metadata = metadata
+            return self._cached_metadata
+
+    class SafeLoadPlanner(mcore_torch.MCoreLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    class SafeTorchDistLoadShardedStrategy(mcore_torch.TorchDistLoadShardedStrategy):
+        def load(self, sharded_state_dict, checkpoint_dir):
+            with _swapped(mcore_torch, MCoreLoadPlanner=SafeLoadPlanner,
+                          _get_filesystem_reader=lambda d, cache_metadata=False: SafeReader(d)):
+                return super().load(sharded_state_dict, checkpoint_dir)
+
+        def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+            return super().load_tensors_metadata(checkpoint_dir, metadata or read_dcp_metadata(checkpoint_dir))
+
+        def load_sharded_metadata(self, checkpoint_dir):
+            with _swapped(mcore_torch, _get_filesystem_reader=lambda d, cache_metadata=False: SafeReader(d)):
+                return super().load_sharded_metadata(checkpoint_dir)
+
+    return SafeTorchDistLoadShardedStrategy()
+
+
+@contextlib.contextmanager
+def _swapped(module, **attrs):
+    old = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
+
+
+# ---- atomic save ------------------------------------------------------------------------------
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_tracker(save_dir, iteration: int | str) -> None:
+    """Point `latest_checkpointed_iteration.txt` at `iteration` atomically (temp file, fsync,
+    `os.replace`)."""
+    save_dir = Path(save_dir)
+    tmp = save_dir / f".{TRACKER_FILE}{TMP_SUFFIX}"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, save_dir / TRACKER_FILE)
+    _fsync_dir(save_dir)
+
+
+def save_dist_checkpoint(
+    save_dir, iteration: int | str, sharded_state_dict: dict, *,
+    common_state: dict | None = None,
+    write_rank0_files: Callable[[Path], None] | None = None,
+    layout: dict | None = None,
+    thread_count: int = 1,
+    async_save: bool = False,
+):
+    """Save `sharded_state_dict` (ShardedTensors / ShardedObjects / factories, nested freely;
+    e.g. `{"model": model.sharded_state_dict(), "hd_pissa": {...}}`) plus `common_state`
+    (plain values, saved once from rank 0 into `common.pt`, must be `weights_only`-loadable:
+    tensors, numbers, strings, lists, dicts) as `save_dir/iter_XXXXXXX/` in torch_dist format.
+
+    Collective: every rank of the default process group calls it with its own shards.
+    `write_rank0_files(tmp_iter_dir)` runs on rank 0 after the shards are written and before
+    the rename (extra files inside the iteration folder). `layout` (e.g. {"tp": 2, "pp": 1,
+    "dp": 2}) is recorded in the common state under `hdpissa_layout` for readers. The tracker is
+    written last. Returns the final iteration folder.
+
+    `async_save=True` is refused on CPU: megatron-core's async writer is the process-based one
+    described in `sync_save_strategy`.
+    """
+    from megatron.core import dist_checkpointing
+
+    if async_save:
+        raise ValueError("--async-save is not supported by this trainer's torch_dist writer (megatron-core's "
+                         "async writer starts a spawn-context Manager and forks writer processes; see "
+                         "megatron_hdpissa.dist_checkpoint.sync_save_strategy); save synchronously")
+    save_dir = Path(save_dir).absolute()
+    final = save_dir / iteration_dir_name(iteration)
+    tmp = save_dir / (final.name + TMP_SUFFIX)
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # the remains of a save that crashed before its rename
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state = dict(sharded_state_dict)
+    common = dict(common_state or {})
+    overlap = set(common) & set(state)
+    if overlap:
+        raise ValueError(f"keys {sorted(overlap)} are both sharded and common state")
+    state.update(common)
+    if layout is not None:
+        state[COMMON_LAYOUT_KEY] = dict(layout)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
+    # dist_checkpointing.save ends with a barrier after metadata.json: every rank's shards exist.
+    if _rank() == 0:
+        if write_rank0_files is not None:
+            write_rank0_files(tmp)
+        for path in tmp.iterdir():
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving an iteration: move the old one aside first
+            old = save_dir / (final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(save_dir)
+        write_tracker(save_dir, iteration)  # last: marks the checkpoint complete
+    _barrier()
+    return final
+
+
+def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "assume_ok_unexpected") -> dict:
+    """Load a torch_dist iteration folder into `sharded_state_dict` (the same nesting as saved,
+    built for the current layout: megatron-core reshards). Returns the loaded state dict: tensors
+    in place of the ShardedTensors, plus the common state (`common.pt`). Collective."""
+    from megatron.core import dist_checkpointing
+
+    iter_dir = Path(iter_dir)
+    if not is_dist_checkpoint_dir(iter_dir):
+        raise FileNotFoundError(f"{iter_dir} is not a torch_dist checkpoint ({DIST_METADATA_FILE} is missing)")
+    return dist_checkpointing.load(sharded_state_dict, str(iter_dir),
+                                   sharded_strategy=_safe_sharded_strategy(),
+                                   common_strategy=_safe_common_strategy(), strict=strict)
+
+
+def load_common_state(iter_dir) -> dict:
+    """The common state (`common.pt`) of a torch_dist iteration folder, `weights_only`."""
+    state = _load_weights_only(Path(iter_dir) / COMMON_FILE, "common state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{Path(iter_dir) / COMMON_FILE} holds {type(state).__name__}, not a dict")
+    return state
+
+
+# ---- the model --------------------------------------------------------------------------------
+MODEL_KEY = "model"
+
+
+def model_sharded_state_dict(model) -> dict:
+    """The GPTModel's sharded state dict, as Megatron-LM saves it under "model"."""
+    return model.sharded_state_dict()
+
+
+def save_model_checkpoint(model, save_dir, iteration: int | str, *, extra_sharded: dict | None = None,
+                          common_state: dict | None = None, write_rank0_files=None,
+                          layout: dict | None = None, thread_count: int = 1) -> Path:
+    """Save `model` (this rank's shard) under "model", `extra_sharded` sharded values under their
+    own keys, and `common_state`, atomically (see `save_dist_checkpoint`). Collective."""
+    state = {MODEL_KEY: model_sharded_state_dict(model)}
+    for key, value in (extra_sharded or {}).items():
+        if key == MODEL_KEY:
+            raise ValueError(f"extra sharded state may not use the key {MODEL_KEY!r}")
+        state[key] = value
+    if layout is None:
+        layout = current_layout()
+    return save_dist_checkpoint(save_dir, iteration, state, common_state=common_state,
+                                write_rank0_files=write_rank0_files, layout=layout,
+                                thread_count=thread_count)
+
+
+def current_layout() -> dict:
+    """{"tp", "pp", "dp", "world"} sizes of megatron-core's initialised groups."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"tp": 1, "pp": 1, "dp": 1, "world": 1}
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+            "world": torch.distributed.get_world_size()}
+
+
+def load_model_checkpoint(model, iter_dir, *, extra_sharded: dict | None = None) -> dict:
+    """Load the "model" part of a torch_dist iteration folder into `model` (strict, at the
+    model's own layout) and `extra_sharded` (sharded values built by the caller for the current
+    layout) from theirs. Returns the loaded state dict (extra state and common state; "model"
+    removed). Collective."""
+    state = {MODEL_KEY: model_sharded_state_dict(model)}
+    state.update(extra_sharded or {})
+    loaded = load_dist_checkpoint(iter_dir, state)
+    model_state = loaded.pop(MODEL_KEY)
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{iter_dir} does not fit the model: {e}") from e
+    return loaded
+
+
+__all__ = [
+    "CKPT_FORMATS", "CKPT_FORMAT_FLAG", "COMMON_FILE", "DIST_METADATA_FILE", "TORCH", "TORCH_DIST",
+    "current_layout", "is_dist_checkpoint_dir", "load_common_state", "load_dist_checkpoint",
+    "load_model_checkpoint", "read_dcp_metadata", "save_dist_checkpoint", "save_model_checkpoint",
+    "sync_save_strategy", "write_tracker",
+]
