@@ -1,5 +1,6 @@
 """bench_memory: activation memory per tensor-parallel rank of a real megatron-core GPTModel, with
-and without sequence parallelism and full activation recompute, for the frozen base and HD-PiSSA.
+and without sequence parallelism and activation recompute (selective, full), for the frozen base,
+HD-PiSSA, LoRA and full fine-tuning.
 
 What is measured: the peak, over one forward and backward, of the bytes of distinct tensor
 storages that autograd holds for backward (`torch.autograd.graph.saved_tensors_hooks`: a storage
@@ -13,7 +14,7 @@ adapter, the embedding output made to require grad so the input-gradient backwar
 input for the factor gradients, as full fine-tuning does for the weight gradients.
 
     .venv/bin/python benchmarks/bench_memory.py                       # LLaMA-shaped, TP=2
-    .venv/bin/python benchmarks/bench_memory.py --shape smollm2 --tp 3 --seq 256 1024
+    .venv/bin/python benchmarks/bench_memory.py --shape smollm2 --tp 3 --seq 384 1536 --methods base hd-pissa
 """
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ SHAPES = {
                     tie_word_embeddings=True, rope_theta=100000.0),
 }
 METHODS = ("base", "hd-pissa", "lora", "full")
-FULL_RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+RECOMPUTE = {
+    "none": {},
+    # megatron-core's default selective recompute: the core attention (its s x s scores)
+    "selective": {"recompute_granularity": "selective"},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
 
 
 class SavedTensorMeter:
@@ -94,12 +100,12 @@ def _model_config(shape: str, seq: int):
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
-def measure(shape: str, method: str, seq: int, sp: bool, recompute: bool, rank: int) -> dict:
+def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: int) -> dict:
     from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
     from megatron_hdpissa.models import build_gpt_model
 
     config = _model_config(shape, seq)
-    overrides = {"sequence_parallel": sp, **(FULL_RECOMPUTE if recompute else {})}
+    overrides = {"sequence_parallel": sp, **RECOMPUTE[recompute]}
     model = build_gpt_model(config, seed=1234, **overrides)
     for p in model.parameters():
         p.requires_grad_(method == "full")
@@ -137,13 +143,11 @@ def _worker(rank, world, tp, port, shape, seqs, methods, out_dir):
     for seq in seqs:
         for method in methods:
             for sp in (False, True):
-                for recompute in (False, True):
+                for recompute in RECOMPUTE:
                     rows.append(measure(shape, method, seq, sp, recompute, rank))
                     if rank == 0:
-                        r = rows[-1]
                         print(f"  seq {seq:5d} {method:9s} SP {'on ' if sp else 'off'} recompute "
-                              f"{'full' if recompute else 'none'}: peak {r['peak_mib']:8.1f} MiB",
-                              flush=True)
+                              f"{recompute:9s}: peak {rows[-1]['peak_mib']:8.1f} MiB", flush=True)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
     distributed.shutdown()
@@ -155,10 +159,10 @@ def table(rows_by_rank: list, tp: int) -> str:
              "|---:|---|---|---|---:|---:|"]
     for r in rank0:
         ref = next(x for x in rank0 if x["seq"] == r["seq"] and x["method"] == "base"
-                   and not x["sp"] and not x["recompute"])
+                   and not x["sp"] and x["recompute"] == "none")
         worst = max(rr[rank0.index(r)]["peak_mib"] for rr in rows_by_rank)  # the busiest TP rank
         lines.append(f"| {r['seq']} | {r['method']} | {'on' if r['sp'] else 'off'} | "
-                     f"{'full' if r['recompute'] else 'none'} | {worst:.1f} | {worst / ref['peak_mib']:.2f} |")
+                     f"{r['recompute']} | {worst:.1f} | {worst / ref['peak_mib']:.2f} |")
     return "\n".join(lines)
 
 

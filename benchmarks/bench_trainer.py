@@ -279,7 +279,9 @@ def render(results: dict, info: dict, args, command: str) -> str:
              f"r={args.hd_pissa_rank}; {args.global_batch_size} sequences per step = micro-batch "
              f"{args.micro_batch_size} x {args.global_batch_size // (args.micro_batch_size * args.nproc)} x "
              f"{args.nproc} ranks; {args.warmup} warm-up + {args.steps} timed steps per mode x {args.rounds} "
-             f"round(s); --pad-multiple {args.pad_multiple}.", "",
+             f"round(s); --pad-multiple {args.pad_multiple}."
+             + (f" floor: {FLOOR_EXAMPLES} one-line problems ('i + 1 =' / 'i+1'), --seq-length 16, padded."
+                if "floor" in results else ""), "",
              f"Ratio basis: **{'process CPU time' if args.basis == 'cpu' else 'wall time'}** (medians of the "
              "timed steps; per step the slowest rank's CPU time).", "",
              "| mode | step CPU s (median) | step wall s (median) | steps CPU s | steps wall s | positions / step | "

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import conversion
-from .conversion import CHECKPOINT_FILE, TOKENIZER_DIR, TRACKER_FILE, iteration_dir_name
+from .conversion import TOKENIZER_DIR, TRACKER_FILE, iteration_dir_name
 from .distributed import ParallelGroups
 from .models import MODEL_CONFIG_FILE
 
@@ -97,8 +97,7 @@ def save_checkpoint(save_dir, iteration: int, model: nn.Module, rank_state: dict
     _barrier()
     base, adapter = split_state_dict(model)
     if groups.dp_rank == 0:
-        path = tmp / model_file(tmp, iteration, groups.tp_rank, groups.pp_rank, groups.pp_size).relative_to(
-            tmp / iteration_dir_name(iteration))
+        path = tmp / conversion.rank_dir_name(groups.tp_rank, groups.pp_rank, groups.pp_size) / conversion.CHECKPOINT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": base, "iteration": iteration, "checkpoint_version": 3.0,
                     "tensor_model_parallel_size": groups.tp_size,

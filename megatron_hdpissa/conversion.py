@@ -14,6 +14,12 @@ A pipeline stage's file holds what megatron-core's GPTModel on that stage holds,
 numbered locally (`decoder.layers.0 .. L/P-1`): the word embedding on the first stage, the final
 norm and output layer on the last; with tied embeddings the last stage (of P > 1) holds its own
 copy of the word embedding as `output_layer.weight`. Stages split the layers evenly.
+
+`--ckpt-format torch_dist` (megatron-core's dist_checkpointing, see `dist_checkpoint.py`) writes
+`DIR/iter_0000000/{metadata.json,common.pt,.metadata,*.distcp}` instead of the mp_rank folders,
+with the same tracker, model_config.json and tokenizer/: one checkpoint for any TP / PP layout.
+Every reader here (`read_checkpoint_info`, `load_megatron_state_dict`, `load_megatron_checkpoint`,
+`load_gpt_model`, `convert_megatron_to_hf`) detects the format from the iteration folder.
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_hdpissa.models import MODEL_CONFIG_FILE, TP_FLAG, ModelConfig, validate_tp
+from megatron_hdpissa import dist_checkpoint
+from megatron_hdpissa.models import (MODEL_CONFIG_FILE, TP_FLAG, ModelConfig, hf_config_for_readers,
+                                     validate_tp)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILE = "model_optim_rng.pt"
@@ -45,6 +53,10 @@ _LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 # --dtype spellings the conversion CLIs accept
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+# Qwen3's per-head q / k RMSNorm: HF `self_attn.{q,k}_norm` <-> megatron `self_attention.{q,k}_layernorm`
+_QK_NORMS = (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm"))
 
 
 # ---- megatron-core parameter names ------------------------------------------------------------
@@ -277,6 +289,10 @@ def megatron_shard_from_hf(
         if c.qkv_bias:
             sd[local(i, "self_attention.linear_qkv.bias")] = qkv(i, "bias")
         sd[local(i, "self_attention.linear_qkv._extra_state")] = None
+        if c.qk_layernorm:  # Qwen3: per-head RMSNorm weights, replicated over TP
+            for hf_name, mc_name in _QK_NORMS:
+                sd[local(i, f"self_attention.{mc_name}.weight")] = src.full(
+                    _hf_layer(i, f"self_attn.{hf_name}.weight"), (hd,))
         sd[local(i, "self_attention.linear_proj.weight")] = src.cols(
             _hf_layer(i, "self_attn.o_proj.weight"), (h, nq * hd),
             t * groups_per_rank * q_per_group * hd, (t + 1) * groups_per_rank * q_per_group * hd,
@@ -321,6 +337,9 @@ def _expected_hf_keys(config: ModelConfig) -> set[str]:
         if config.qkv_bias:
             for name in ("q_proj", "k_proj", "v_proj"):
                 keys.add(_hf_layer(i, f"self_attn.{name}.bias"))
+        if config.qk_layernorm:
+            for name, _ in _QK_NORMS:
+                keys.add(_hf_layer(i, f"self_attn.{name}.weight"))
         for name in ("gate_proj", "up_proj", "down_proj"):
             keys.add(_hf_layer(i, f"mlp.{name}.weight"))
     return keys
@@ -389,6 +408,9 @@ def hf_tensors_from_megatron(shards, config: ModelConfig, names: list[str] | Non
             return cat(_layer(i, "self_attention.linear_proj.weight"), 1)
         if rest == "mlp.down_proj.weight":
             return cat(_layer(i, "mlp.linear_fc2.weight"), 1)
+        for hf_norm, mc_norm in _QK_NORMS:
+            if rest == f"self_attn.{hf_norm}.weight":
+                return get(0, _layer(i, f"self_attention.{mc_norm}.weight"))
         if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
             return fc1(i)[0 if "gate" in rest else 1]
         proj, kind = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest).groups()
@@ -407,6 +429,8 @@ def _hf_names(config: ModelConfig) -> list[str]:
             "self_attn.v_proj.weight")]
         if config.qkv_bias:
             names += [_hf_layer(i, f"self_attn.{p}_proj.bias") for p in "qkv"]
+        if config.qk_layernorm:
+            names += [_hf_layer(i, f"self_attn.{n}.weight") for n, _ in _QK_NORMS]
         names += [_hf_layer(i, n) for n in (
             "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
             "mlp.up_proj.weight", "mlp.down_proj.weight")]
@@ -428,6 +452,7 @@ def _hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
         "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
         "self_attn.v_proj.weight": (kv, h), "self_attn.q_proj.bias": (q,),
         "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.q_norm.weight": (c.kv_channels,), "self_attn.k_norm.weight": (c.kv_channels,),
         "self_attn.o_proj.weight": (h, q), "mlp.gate_proj.weight": (c.ffn_hidden_size, h),
         "mlp.up_proj.weight": (c.ffn_hidden_size, h), "mlp.down_proj.weight": (h, c.ffn_hidden_size),
     }[rest]
@@ -453,17 +478,25 @@ def rank_checkpoint_path(ckpt_dir, iteration: int | str, tp_rank: int, pp_rank: 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a legacy checkpoint folder holds: its tracked iteration and shard files, one per
-    (TP rank, pipeline stage); `rank_files` lists them TP-rank-major (just the TP shards when
-    pp_size is 1)."""
+    """What a checkpoint folder holds: its tracked iteration and, for the legacy format, its
+    shard files, one per (TP rank, pipeline stage); `rank_files` lists them TP-rank-major (just
+    the TP shards when pp_size is 1). For torch_dist, `tp_size` / `pp_size` are the layout it was
+    saved at (1 when unrecorded) and `rank_files` is empty: it loads at any layout."""
 
     directory: Path
     iteration: int | str
     tp_size: int
     rank_files: tuple[Path, ...]
     pp_size: int = 1
+    ckpt_format: str = "torch"   # "torch" (legacy mp_rank files) or "torch_dist" (any layout)
+
+    @property
+    def iter_dir(self) -> Path:
+        return self.directory / iteration_dir_name(self.iteration)
 
     def rank_file(self, tp_rank: int, pp_rank: int = 0) -> Path:
+        if self.ckpt_format != "torch":
+            raise ValueError(f"{self.directory} is a {self.ckpt_format} checkpoint: it has no per-rank files")
         if not (0 <= tp_rank < self.tp_size and 0 <= pp_rank < self.pp_size):
             raise ValueError(
                 f"(tp_rank {tp_rank}, pp_rank {pp_rank}) is outside {self.directory}'s "
@@ -473,7 +506,9 @@ class CheckpointInfo:
 
 
 def read_checkpoint_info(ckpt_dir) -> CheckpointInfo:
-    """Read the tracker and list the (TP, PP) shards; clear errors for whatever is missing."""
+    """Read the tracker, detect the format (torch_dist: the iteration folder holds megatron-core's
+    metadata.json; torch: mp_rank_* folders) and list the legacy (TP, PP) shards; clear errors for
+    whatever is missing."""
     directory = Path(ckpt_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"megatron checkpoint directory {directory} does not exist")
@@ -491,9 +526,14 @@ def read_checkpoint_info(ckpt_dir) -> CheckpointInfo:
     iter_dir = directory / iteration_dir_name(iteration)
     if not iter_dir.is_dir():
         raise FileNotFoundError(f"{tracker} names iteration {text} but {iter_dir} does not exist")
+    if dist_checkpoint.is_dist_checkpoint_dir(iter_dir):
+        layout = _saved_layout(iter_dir)
+        return CheckpointInfo(directory, iteration, layout.get("tp", 1), (), layout.get("pp", 1),
+                              ckpt_format=dist_checkpoint.TORCH_DIST)
     rank_dirs = sorted(p.name for p in iter_dir.glob("mp_rank_*") if p.is_dir())
     if not rank_dirs:
-        raise FileNotFoundError(f"{iter_dir} holds no mp_rank_XX shard folders")
+        raise FileNotFoundError(f"{iter_dir} holds no mp_rank_XX shard folders (and no torch_dist "
+                                f"{dist_checkpoint.DIST_METADATA_FILE})")
     parsed = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", name) for name in rank_dirs]
     bad = [name for name, m in zip(rank_dirs, parsed) if m is None]
     if bad:
@@ -548,12 +588,17 @@ def load_megatron_state_dict(ckpt_dir, tp_rank: int, tp_size: int | None = None,
     """The model state dict of TP rank `tp_rank`, pipeline stage `pp_rank` of `pp_size`, as
     megatron-core's GPTModel on that stage holds it (local layer numbering; memory-mapped).
 
-    With `tp_size`, check the checkpoint was written for that tensor-parallel size (TP is not
-    resharded). `pp_size` None: the checkpoint's own stages. Another `pp_size` reshards: the
+    A torch_dist checkpoint is resharded to any `tp_size` / `pp_size` (None: 1): the whole model
+    is read in this process (no process group) and sliced as the HF converter slices it.
+
+    Legacy: with `tp_size`, check the checkpoint was written for that tensor-parallel size (TP is
+    not resharded). `pp_size` None: the checkpoint's own stages. Another `pp_size` reshards: the
     stage's layers are gathered from whichever stage files hold them and renumbered, so a
     checkpoint saved at any pipeline size loads at any other that divides the layers (pp_size=1
     gives the whole model)."""
     info = read_checkpoint_info(ckpt_dir)
+    if info.ckpt_format == dist_checkpoint.TORCH_DIST:
+        return _dist_rank_state_dict(info, tp_rank, tp_size or 1, pp_rank, pp_size or 1)
     if tp_size is not None and info.tp_size != tp_size:
         raise ValueError(
             f"{info.directory} was saved with {TP_FLAG} {info.tp_size} but this run uses "
@@ -599,20 +644,31 @@ def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int | None = None, *,
                              pp_rank: int | None = None, pp_size: int | None = None) -> None:
     """Load this rank's (TP, pipeline stage) shard into a GPTModel built by
     `models.build_gpt_model` (strict). Ranks and sizes not given come from megatron-core's
-    `parallel_state`; a checkpoint saved at another pipeline size is resharded on load."""
+    `parallel_state`; a checkpoint saved at another pipeline size is resharded on load. A
+    torch_dist checkpoint loads at any TP / PP: inside an initialised megatron-core job, for this
+    rank's own (TP, PP) position, through `dist_checkpointing.load` on every rank (collective),
+    else (other ranks asked for, or no process group) by slicing in this process."""
     from megatron.core import parallel_state as ps
 
     initialised = ps.model_parallel_is_initialized()
     tp_size = ps.get_tensor_model_parallel_world_size() if initialised else 1
+    own_ranks = initialised and (tp_rank is None or tp_rank == ps.get_tensor_model_parallel_rank())
     if tp_rank is None:
         tp_rank = ps.get_tensor_model_parallel_rank() if initialised else 0
+    own_ranks = own_ranks and (pp_rank, pp_size) in ((None, None), _pipeline_rank_and_size(None, None))
     pp_rank, pp_size = _pipeline_rank_and_size(pp_rank, pp_size)
+    if own_ranks and read_checkpoint_info(ckpt_dir).ckpt_format == dist_checkpoint.TORCH_DIST:
+        # this rank's own shard of the job's layout: megatron-core reshards (collective: every
+        # rank of the job loads at the same time)
+        dist_checkpoint.load_model_checkpoint(model, read_checkpoint_info(ckpt_dir).iter_dir)
+        return
     state_dict = load_megatron_state_dict(ckpt_dir, tp_rank, tp_size, pp_rank=pp_rank, pp_size=pp_size)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         info = read_checkpoint_info(ckpt_dir)
-        where = (info.rank_file(tp_rank, pp_rank) if pp_size == info.pp_size else
+        where = (info.iter_dir if info.ckpt_format != "torch" else
+                 info.rank_file(tp_rank, pp_rank) if pp_size == info.pp_size else
                  f"{info.directory} (saved with {PP_FLAG} {info.pp_size}) resharded to stage "
                  f"{pp_rank} of {PP_FLAG} {pp_size}")
         raise ValueError(f"{where} does not fit the model: {e}") from e
@@ -635,6 +691,152 @@ def load_gpt_model(ckpt_dir, dtype: torch.dtype = torch.float32, **build_kwargs)
     model = build_gpt_model(model_config, dtype=dtype, **build_kwargs)
     load_megatron_checkpoint(model, ckpt_dir, pp_rank=pp_rank, pp_size=pp_size)
     return model, model_config
+
+
+# ---- torch_dist (megatron-core dist_checkpointing) --------------------------------------------
+CKPT_FORMATS = dist_checkpoint.CKPT_FORMATS
+
+
+def checkpoint_format(ckpt_dir) -> str:
+    """"torch_dist" or "torch" (legacy mp_rank files) for a checkpoint folder."""
+    return read_checkpoint_info(ckpt_dir).ckpt_format
+
+
+def _saved_layout(iter_dir: Path) -> dict:
+    """The layout a torch_dist folder was saved at, as `dist_checkpoint` records it ({} when the
+    common state does not say, e.g. another tool's checkpoint)."""
+    try:
+        common = dist_checkpoint.load_common_state(iter_dir)
+    except (FileNotFoundError, ValueError):
+        return {}
+    layout = common.get(dist_checkpoint.COMMON_LAYOUT_KEY)
+    return dict(layout) if isinstance(layout, dict) else {}
+
+
+class _TensorSource:
+    """`SafetensorsFolder`'s slicing interface over in-memory whole HF tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: Path):
+        self.tensors, self.where = tensors, where
+
+    def keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def full(self, key: str, shape) -> torch.Tensor:
+        if key not in self.tensors:
+            raise ValueError(f"{self.where}: tensor {key!r} is missing")
+        t = self.tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{self.where}: tensor {key!r} has shape {tuple(t.shape)}, the config "
+                             f"implies {tuple(shape)}")
+        return t
+
+    def rows(self, key: str, shape, start: int, stop: int) -> torch.Tensor:
+        return self.full(key, shape)[start:stop]
+
+    def cols(self, key: str, shape, start: int, stop: int) -> torch.Tensor:
+        return self.full(key, shape)[:, start:stop].contiguous()
+
+
+def _local_layer_names() -> list[tuple[str, str]]:
+    """(sharded-key prefix, module-name prefix) pairs of the layer spec's
+    `sharded_state_dict_keys_map` (the local spec saves `input_layernorm.weight` as
+    `self_attention.linear_qkv.layer_norm_weight`, as TransformerEngine's fused layers name it)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    keys_map = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    return [(sharded, local) for local, sharded in keys_map.items()]
+
+
+def dist_whole_state_dict(iter_dir, config: ModelConfig) -> dict:
+    """A torch_dist folder as the whole-model state dict a TP=1, PP=1 GPTModel holds (global
+    layer numbering, no `_extra_state`), read in this process without a process group."""
+    iter_dir = Path(iter_dir)
+    renames = _local_layer_names()
+    whole: dict = {}
+    layer_key = re.compile(r"decoder\.layers\.(?:(\d+)\.)?(.+)")
+    for key, tensor in dist_checkpoint.read_global_tensors(iter_dir).items():
+        m = layer_key.fullmatch(key)
+        if m is None:
+            if key.startswith(("embedding.", "output_layer.", "decoder.final_layernorm.")):
+                whole[key] = tensor
+                continue
+            continue  # not model state (the caller's extra sharded state)
+        if m.group(1) is not None:  # one key per layer
+            items = [(int(m.group(1)), tensor)]
+        else:  # layers stacked on a leading axis (megatron-core's default)
+            if tensor.shape[0] != config.num_layers:
+                raise ValueError(f"{iter_dir}: {key!r} stacks {tensor.shape[0]} layers, the model has "
+                                 f"{config.num_layers}")
+            items = list(enumerate(tensor.unbind(0)))
+        name = m.group(2)
+        for sharded, local in renames:
+            if name.startswith(sharded):
+                name = local + name[len(sharded):]
+        for i, t in items:
+            whole[_layer(i, name)] = t
+    for i in range(config.num_layers):  # swiglu saved as two tensors (singleton local shards)
+        w, v = _layer(i, "mlp.linear_fc1.weight_w"), _layer(i, "mlp.linear_fc1.weight_v")
+        if w in whole:
+            whole[_layer(i, "mlp.linear_fc1.weight")] = torch.cat([whole.pop(w), whole.pop(v)], dim=0)
+    if not whole:
+        raise ValueError(f"{iter_dir}: the torch_dist checkpoint holds no GPTModel tensors")
+    return whole
+
+
+def _dist_rank_state_dict(info: CheckpointInfo, tp_rank: int, tp_size: int, pp_rank: int,
+                          pp_size: int) -> dict:
+    config = ModelConfig.load(info.directory)
+    validate_tp(config, tp_size)
+    validate_pp(config, pp_size)
+    whole = dist_whole_state_dict(info.iter_dir, config)
+    hf = dict(hf_tensors_from_megatron([whole], config))
+    return megatron_shard_from_hf(_TensorSource(hf, info.iter_dir), config, tp_size, tp_rank,
+                                  pp_size=pp_size, pp_rank=pp_rank)
+
+
+@contextlib.contextmanager
+def _single_process_group():
+    """A one-rank gloo process group and megatron-core model-parallel state (TP = PP = 1) for
+    the duration of a conversion, unless the caller already has them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    own_pg = not dist.is_initialized()
+    if own_pg:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise ValueError("converting to torch_dist is a single-process job: run it outside a "
+                           f"distributed job (this process is one of {dist.get_world_size()} ranks)")
+    own_mp = not ps.model_parallel_is_initialized()
+    if own_mp:
+        ps.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        if own_mp:
+            ps.destroy_model_parallel()
+        if own_pg:
+            dist.destroy_process_group()
+
+
+def save_whole_as_dist(whole: dict, config: ModelConfig, save_dir, iteration: int | str = 0) -> Path:
+    """Write a whole-model (TP=1, PP=1) state dict as a torch_dist checkpoint iteration under
+    `save_dir` through a real megatron-core GPTModel's `sharded_state_dict()` (one process)."""
+    from megatron_hdpissa.models import build_gpt_model
+
+    dtype = whole["embedding.word_embeddings.weight"].dtype
+    with _single_process_group():
+        model = build_gpt_model(config, tp_size=1, dtype=dtype, seed=None, perform_initialization=False)
+        missing, unexpected = model.load_state_dict(whole, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"state dict does not fit the {config.model_type} GPTModel: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
+        return dist_checkpoint.save_model_checkpoint(
+            model, save_dir, iteration, layout={"tp": 1, "pp": 1, "dp": 1, "world": 1},
+            common_state={"iteration": iteration, "checkpoint_version": 3.0,
+                          "format": dist_checkpoint.FORMAT_TAG})
 
 
 # ---- atomic output ----------------------------------------------------------------------------
@@ -685,15 +887,22 @@ def _copy_non_weight_files(src: Path, dst: Path) -> list[str]:
 
 # ---- the two conversions ----------------------------------------------------------------------
 def convert_hf_to_megatron(
-    hf_dir, save_dir, tp_size: int, *, pp_size: int = 1, dtype: torch.dtype | None = None,
-    iteration: int = 0, force: bool = False, progress: bool = True,
+    hf_dir, save_dir, tp_size: int = 1, *, pp_size: int = 1, dtype: torch.dtype | None = None,
+    iteration: int = 0, force: bool = False, progress: bool = True, ckpt_format: str = "torch",
 ) -> Path:
-    """Convert an HF LLaMA / Mistral / Qwen2 folder (safetensors) into a legacy Megatron
-    checkpoint with `tp_size` x `pp_size` shards (`mp_rank_TT`, or `mp_rank_TT_PPP` when
-    pp_size > 1). Memory: one shard plus one tensor at a time."""
+    """Convert an HF LLaMA / Mistral / Qwen2 / Qwen3 folder (safetensors) into a Megatron
+    checkpoint.
+
+    `ckpt_format="torch"` (legacy): `tp_size` x `pp_size` shards (`mp_rank_TT`, or
+    `mp_rank_TT_PPP` when pp_size > 1); memory: one shard plus one tensor at a time.
+    `ckpt_format="torch_dist"`: megatron-core's dist_checkpointing format, loadable at any TP /
+    PP layout (`tp_size` / `pp_size` are only checked against the model); written by one
+    process through a TP=1 GPTModel, so memory holds the whole model."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"Hugging Face model directory {hf_dir} does not exist")
+    if ckpt_format not in CKPT_FORMATS:
+        raise ValueError(f"{dist_checkpoint.CKPT_FORMAT_FLAG} {ckpt_format!r}: choose from {', '.join(CKPT_FORMATS)}")
     config = ModelConfig.from_hf(hf_dir)
     validate_tp(config, tp_size)
     validate_pp(config, pp_size)
@@ -706,6 +915,15 @@ def convert_hf_to_megatron(
             f"{hf_dir}: tensors the {config.model_type} conversion does not know: {unexpected[:5]}"
             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         )
+    if ckpt_format == dist_checkpoint.TORCH_DIST:
+        with _atomic_output_dir(Path(save_dir), force, sources=(hf_dir,)) as tmp:
+            with _progress(config.num_layers + 2, "HF -> megatron torch_dist", progress, "layer") as bar:
+                whole = megatron_shard_from_hf(src, config, 1, 0, dtype, bar)
+            save_whole_as_dist(whole, config, tmp, iteration)  # tracker written last, inside
+            del whole
+            config.save(tmp)
+            _copy_non_weight_files(hf_dir, tmp / TOKENIZER_DIR)
+        return Path(save_dir)
     with _atomic_output_dir(Path(save_dir), force, sources=(hf_dir,)) as tmp:
         steps = tp_size * (config.num_layers + 2)
         with _progress(steps, f"HF -> megatron TP={tp_size} PP={pp_size}", progress, "layer") as bar:
@@ -737,13 +955,17 @@ def convert_megatron_to_hf(
     progress: bool = True, max_shard_bytes: int = _DEFAULT_SHARD_BYTES, tp_size: int | None = None,
     pp_size: int | None = None,
 ) -> Path:
-    """Merge a legacy Megatron checkpoint's TP shards and pipeline stages into an HF folder
-    (safetensors, config.json, tokenizer) that transformers loads. Shards are memory-mapped;
-    output files are written `max_shard_bytes` at a time. With `tp_size` / `pp_size`, check the
-    checkpoint's TP / pipeline size."""
+    """Merge a Megatron checkpoint (legacy: its TP shards and pipeline stages, memory-mapped;
+    torch_dist: the whole tensors, read in this process) into an HF folder (safetensors,
+    config.json, tokenizer) that transformers loads; the format is detected from the folder.
+    Output files are written `max_shard_bytes` at a time. With `tp_size` / `pp_size`, check the
+    legacy checkpoint's TP / pipeline size (a torch_dist checkpoint has no fixed layout)."""
     from safetensors.torch import save_file
 
     info = read_checkpoint_info(megatron_dir)
+    dist = info.ckpt_format == dist_checkpoint.TORCH_DIST
+    if dist:
+        tp_size = pp_size = None
     if tp_size is not None and tp_size != info.tp_size:
         raise ValueError(
             f"{info.directory} was saved with {TP_FLAG} {info.tp_size}, not {tp_size}"
@@ -753,11 +975,14 @@ def convert_megatron_to_hf(
             f"{info.directory} was saved with {PP_FLAG} {info.pp_size}, not {pp_size}"
         )
     config = ModelConfig.load(info.directory)
-    validate_tp(config, info.tp_size)
-    validate_pp(config, info.pp_size)
-    shards = merge_pipeline_shards(
-        {(t, p): load_megatron_state_dict(info.directory, t, info.tp_size, pp_rank=p)
-         for t in range(info.tp_size) for p in range(info.pp_size)}, config)
+    if dist:
+        shards = [dist_whole_state_dict(info.iter_dir, config)]
+    else:
+        validate_tp(config, info.tp_size)
+        validate_pp(config, info.pp_size)
+        shards = merge_pipeline_shards(
+            {(t, p): load_megatron_state_dict(info.directory, t, info.tp_size, pp_rank=p)
+             for t in range(info.tp_size) for p in range(info.pp_size)}, config)
     out_dtype = dtype or shards[0]["embedding.word_embeddings.weight"].dtype
 
     names = _hf_names(config)
@@ -789,6 +1014,7 @@ def convert_megatron_to_hf(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         hf_config = dict(config.hf_config) if config.hf_config else config.to_hf_config().to_dict()
+        hf_config = hf_config_for_readers(hf_config, config.rope_theta)
         hf_config["dtype"] = str(out_dtype).removeprefix("torch.")
         if "torch_dtype" in hf_config:
             hf_config["torch_dtype"] = hf_config["dtype"]
@@ -800,8 +1026,9 @@ def convert_megatron_to_hf(
 
 
 __all__ = [
-    "CHECKPOINT_FILE", "MODEL_CONFIG_FILE", "PP_FLAG", "TOKENIZER_DIR", "TRACKER_FILE",
-    "CheckpointInfo", "SafetensorsFolder", "convert_hf_to_megatron", "convert_megatron_to_hf",
+    "CHECKPOINT_FILE", "CKPT_FORMATS", "MODEL_CONFIG_FILE", "PP_FLAG", "TOKENIZER_DIR", "TRACKER_FILE",
+    "CheckpointInfo", "SafetensorsFolder", "checkpoint_format", "convert_hf_to_megatron",
+    "dist_whole_state_dict", "save_whole_as_dist", "convert_megatron_to_hf",
     "hf_tensors_from_megatron", "load_gpt_model", "load_megatron_checkpoint",
     "load_megatron_state_dict", "megatron_shard_from_hf", "merge_pipeline_shards",
     "merge_pipeline_stages", "pipeline_stage_state_dict", "rank_checkpoint_path", "rank_dir_name",

@@ -32,7 +32,7 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -47,6 +47,7 @@ DCP_METADATA_FILE = ".metadata"        # torch.distributed.checkpoint's index
 TMP_SUFFIX = ".tmp"
 # Keys of the common state this module writes itself (the caller's common state sits next to them).
 COMMON_LAYOUT_KEY = "hdpissa_layout"
+FORMAT_TAG = "megatron_hdpissa.torch_dist.v1"
 
 
 def iteration_dir_name(iteration: int | str) -> str:
@@ -112,20 +113,20 @@ def sync_save_strategy(thread_count: int = 1):
 
 
 # ---- safe loading -----------------------------------------------------------------------------
+# Modules whose classes (dataclasses / enums describing tensors, chunks and files) make up a
+# torch.distributed.checkpoint `.metadata` index; any class defined there may be rebuilt.
 _ALLOWED_METADATA_MODULES = (
     "torch.distributed.checkpoint.metadata",
     "torch.distributed.checkpoint.filesystem",
     "torch.distributed.checkpoint.planner",
     "torch.distributed.checkpoint._extension",
 )
+# Single globals such an index also refers to (torch 2.13: dtype, Size, the layout by name,
+# the checkpoint id as a path).
 _ALLOWED_GLOBALS = {
-    ("torch", "Size"), ("torch", "float32"), ("torch", "float64"), ("torch", "float16"),
-    ("torch", "bfloat16"), ("torch", "int64"), ("torch", "int32"), ("torch", "int16"),
-    ("torch", "int8"), ("torch", "uint8"), ("torch", "bool"), ("torch", "strided"),
-    ("torch", "contiguous_format"), ("torch", "preserve_format"), ("torch", "channels_last"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-    ("builtins", "slice"), ("builtins", "getattr"), ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
 }
 
 
@@ -135,20 +136,17 @@ class _SafeMetadataUnpickler(pickle.Unpickler):
     cannot run code on load."""
 
     def find_class(self, module: str, name: str):
-        if module in _ALLOWED_METADATA_MODULES or (module, name) in _ALLOWED_GLOBALS:
-            if (module, name) == ("builtins", "getattr"):
-                return _safe_getattr
+        if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in _ALLOWED_METADATA_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
         raise pickle.UnpicklingError(
             f"checkpoint index refers to {module}.{name}, which a torch_dist checkpoint's "
             f"{DCP_METADATA_FILE} never holds; refusing to unpickle it")
-
-
-def _safe_getattr(obj, name: str):
-    # torch pickles dtypes and memory formats as getattr(torch, "float32") on some versions
-    if obj is torch and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
-        return getattr(torch, name)
-    raise pickle.UnpicklingError(f"checkpoint index calls getattr({obj!r}, {name!r}); refusing")
 
 
 def read_dcp_metadata(iter_dir):
@@ -195,6 +193,48 @@ def _safe_common_strategy():
     return WeightsOnlyCommonLoadStrategy()
 
 
+def safe_filesystem_reader(iter_dir):
+    """torch.distributed.checkpoint `FileSystemReader` (megatron-core's caching subclass) whose
+    `.metadata` index is read through the allow-list unpickler."""
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+
+    class SafeReader(CachedMetadataFileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if self._cached_metadata is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata = read_dcp_metadata(self.path)
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._cached_metadata = metadata
+            return self._cached_metadata
+
+    return SafeReader(str(iter_dir))
+
+
+def read_global_tensors(iter_dir, keys=None) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) tensors of a torch_dist folder keyed as megatron-core saved them
+    (global shapes; layers stacked on a leading layer axis under `decoder.layers.*`), read in
+    this process without a process group. `keys`: only these (default: every tensor)."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = safe_filesystem_reader(iter_dir)
+    metadata = reader.read_metadata()
+    tensors = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata) and (keys is None or key in keys):
+            tensors[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    missing = set(keys or ()) - set(tensors)
+    if missing:
+        raise ValueError(f"{iter_dir}: tensors {sorted(missing)[:5]} are not in the checkpoint")
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
 def _safe_sharded_strategy():
     """megatron-core's torch_dist load strategy reading the `.metadata` index through the
     allow-list and sharded objects (`_extra_state` and the like) with `weights_only=True`.
@@ -203,37 +243,32 @@ def _safe_sharded_strategy():
     `TorchDistLoadShardedStrategy.load`, so the two hooks are swapped for the duration of the
     call."""
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
-    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-        CachedMetadataFileSystemReader,
-    )
-
-    class SafeReader(CachedMetadataFileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            if self._cached_metadata is None:
-                metadata = read_dcp_metadata(self.path)
-                from torch.distributed.checkpoint.metadata import StorageMeta
-
-                if getattr(metadata, "storage_meta", None) is None:
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                self._cached_metadata = metadata
-            return self._cached_metadata
 
     class SafeLoadPlanner(mcore_torch.MCoreLoadPlanner):
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+            # Deserialise with weights_only (raises on anything but tensors and plain data), then
+            # hand torch's planner a re-serialised copy of that already-checked object.
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the entry
+                raise ValueError(f"sharded object {read_item.dest_index.fqn!r} is not loadable with "
+                                 f"torch.load(weights_only=True): {e}") from e
+            checked = io.BytesIO()
+            torch.save(obj, checked)
+            checked.seek(0)
+            super().load_bytes(read_item, checked)
 
     class SafeTorchDistLoadShardedStrategy(mcore_torch.TorchDistLoadShardedStrategy):
         def load(self, sharded_state_dict, checkpoint_dir):
             with _swapped(mcore_torch, MCoreLoadPlanner=SafeLoadPlanner,
-                          _get_filesystem_reader=lambda d, cache_metadata=False: SafeReader(d)):
+                          _get_filesystem_reader=lambda d, cache_metadata=False: safe_filesystem_reader(d)):
                 return super().load(sharded_state_dict, checkpoint_dir)
 
         def load_tensors_metadata(self, checkpoint_dir, metadata=None):
             return super().load_tensors_metadata(checkpoint_dir, metadata or read_dcp_metadata(checkpoint_dir))
 
         def load_sharded_metadata(self, checkpoint_dir):
-            with _swapped(mcore_torch, _get_filesystem_reader=lambda d, cache_metadata=False: SafeReader(d)):
+            with _swapped(mcore_torch, _get_filesystem_reader=lambda d, cache_metadata=False: safe_filesystem_reader(d)):
                 return super().load_sharded_metadata(checkpoint_dir)
 
     return SafeTorchDistLoadShardedStrategy()
@@ -375,6 +410,35 @@ def load_common_state(iter_dir) -> dict:
     return state
 
 
+# ---- per-slice state (the trainer's HD-PiSSA factors, moments, masters) --------------------------
+def slice_sharded_tensor(key: str, tensor: torch.Tensor, slice_index: int, num_slices: int, *,
+                         tp_axis: int | None = None, tp_rank: int = 0, tp_size: int = 1,
+                         swiglu: bool = False, replica_id=0):
+    """A megatron-core ShardedTensor for slice `slice_index` of `num_slices` (HD-PiSSA's K = DP x
+    virtual ranks: the slice is a real sharding axis, like the expert axis of MoE) of this TP
+    rank's `tensor`: global shape `(num_slices, *whole_tensor_shape)`.
+
+    `tp_axis`: the dimension of `tensor` split over TP (None: replicated over TP, then give a
+    `replica_id` > 0 on every TP rank but one). `swiglu=True` for tensors whose `tp_axis` 0 is the
+    fused [gate; up] of `linear_fc1` (each TP rank holds [gate_t; up_t]): megatron-core's swiglu
+    factory stores gate and up separately so that another TP size reassembles them correctly.
+    Key it with the global layer number (the layer's place in the whole model), so pipeline
+    stages can change too."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    offsets = [(0, slice_index, num_slices)]
+    tp = [] if tp_axis is None else [(tp_axis + 1, tp_rank, tp_size)]
+    sharded = ShardedTensor.from_rank_offsets(key, tensor, *offsets, *tp, replica_id=replica_id,
+                                              prepend_axis_num=1)
+    if not swiglu:
+        return sharded
+    if tp_axis != 0:
+        raise ValueError(f"{key}: swiglu tensors are split over TP along dimension 0")
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+    return apply_swiglu_sharded_factory(sharded, tuple(offsets))
+
+
 # ---- the model --------------------------------------------------------------------------------
 MODEL_KEY = "model"
 
@@ -430,8 +494,9 @@ def load_model_checkpoint(model, iter_dir, *, extra_sharded: dict | None = None)
 
 
 __all__ = [
-    "CKPT_FORMATS", "CKPT_FORMAT_FLAG", "COMMON_FILE", "DIST_METADATA_FILE", "TORCH", "TORCH_DIST",
-    "current_layout", "is_dist_checkpoint_dir", "load_common_state", "load_dist_checkpoint",
-    "load_model_checkpoint", "read_dcp_metadata", "save_dist_checkpoint", "save_model_checkpoint",
-    "sync_save_strategy", "write_tracker",
+    "CKPT_FORMATS", "CKPT_FORMAT_FLAG", "COMMON_FILE", "COMMON_LAYOUT_KEY", "DIST_METADATA_FILE",
+    "TORCH", "TORCH_DIST", "current_layout", "is_dist_checkpoint_dir", "load_common_state",
+    "load_dist_checkpoint", "load_model_checkpoint", "read_dcp_metadata", "read_global_tensors",
+    "safe_filesystem_reader", "save_dist_checkpoint", "save_model_checkpoint",
+    "slice_sharded_tensor", "sync_save_strategy", "write_tracker",
 ]

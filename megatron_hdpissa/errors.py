@@ -30,25 +30,30 @@ def _store():
         return None
 
 
-def report_user_error(exc: BaseException, wait_s: float = 3.0) -> None:
+def report_user_error(exc: BaseException, wait_s: float = 10.0) -> None:
     """Rank 0 prints `error: ...`. Another rank prints its message (tagged with its rank) only
-    when rank 0 did not report the same one within `wait_s` (an error only that rank hit)."""
+    when rank 0 did not report the same one within `wait_s` (an error only that rank hit).
+    Rank 0 waits as long for the others, so that every rank exits with the same status rather
+    than torchrun terminating the slower ones."""
+    import datetime
+
     msg = f"error: {exc}".replace("\n", " ")
     rank, store = _rank(), _store()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.set(_KEY + str(rank), msg)
     if rank == 0:
         print(msg, file=sys.stderr, flush=True)
         if store is not None:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
             with contextlib.suppress(Exception):
-                store.set(_KEY + "0", msg)
+                store.wait([_KEY + str(r) for r in range(1, world)], datetime.timedelta(seconds=wait_s))
         return
-    if store is None:
-        return
-    import datetime
-
     seen = None
-    with contextlib.suppress(Exception):
-        store.wait([_KEY + "0"], datetime.timedelta(seconds=wait_s))
-        seen = store.get(_KEY + "0").decode()
+    if store is not None:
+        with contextlib.suppress(Exception):
+            store.wait([_KEY + "0"], datetime.timedelta(seconds=wait_s))
+            seen = store.get(_KEY + "0").decode()
     if seen != msg:
         print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
 

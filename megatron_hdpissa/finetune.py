@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -267,26 +266,13 @@ class FinetuneRecipe:
         return loss
 
     def _log_step(self, loss: float) -> None:
-        args, it, opt = self.args, self.iteration, self.optimizer
+        args, it = self.args, self.iteration
         if it % args.log_interval == 0 or it == self.train_iters:
             now = time.time()
             tps = self.global_batch * args.seq_length * args.log_interval / max(now - self.last_log, 1e-9)
-            self.last_log, extra, text = now, {}, ""
-            if getattr(opt, "last_grad_norm", None) is not None:
-                extra["grad_norm"] = opt.last_grad_norm
-                text += f" | grad norm {opt.last_grad_norm:.3f}"
-            sent = getattr(opt, "last_step_bytes", None)
-            if isinstance(sent, dict):  # HD-PiSSA aggregation: bytes this rank sent this step
-                extra["comm_bytes"] = int(sum(sent.values()))
-                text += f" | sent {extra['comm_bytes'] / 2 ** 20:.2f} MiB"
-            if getattr(opt, "grad_scaler", None) is not None:
-                extra.update(loss_scale=float(opt.grad_scaler.scale), skipped_steps=opt.skipped_steps)
-                text += f" | loss scale {extra['loss_scale']:.0f} | skipped {opt.skipped_steps}"
-            self.logger.scalars(it, loss=loss, lr=self.lr, tokens_per_s=tps, **extra)
-            self.logger.print(f"iteration {it:6d}/{self.train_iters} | loss {loss:.4f} | lr {self.lr:.3e} | "
-                              f"{tps:,.0f} tokens/s" + text)
+            self.last_log = now
+            self.logger.log_step(it, self.train_iters, loss, self.lr, tps, self.optimizer)
         self.logger.step({"loss": f"{loss:.3f}"})
-
 
 def main(argv=None) -> dict:
     recipe = FinetuneRecipe(parse_args(argv))

@@ -58,6 +58,10 @@ Megatron-LM flags HD-PiSSA needs: `--transformer-impl local` (the adapters wrap 
 own parallel linears, not Transformer Engine's), fp32 weights (no `--bf16`/`--fp16`), and for an
 exact resume `--ckpt-format torch_dist` (the default).
 
+Pipeline parallelism (`--pipeline-model-parallel-size`) works: each stage's provider call attaches
+the adapters of its own layers, each stage decomposes its layers over its own ranks at its first
+forward, and the optimizer's global gradient norm spans the stages.
+
 Not supported here (clear errors): `--bf16`/`--fp16` (per-step updates are lost in 16-bit
 weights; the method runs on fp32 weights), `--use-distributed-optimizer`, virtual pipeline
 stages, `--hd-pissa-virtual-ranks` > 1, `--peft lora|pissa` (use `megatron_hdpissa.finetune`),
@@ -120,9 +124,10 @@ import torch
 from torch import nn
 
 from .apply import apply_hd_pissa, decompose_hd_pissa, iter_adapters
+from .arguments import add_hd_pissa_args, hd_pissa_config
 from .config import HDPiSSAConfig
+from .decomposition import stage_group
 from .distributed import ParallelGroups
-from .finetune import add_hd_pissa_args, hd_pissa_config
 
 ATTACHED, DECOMPOSED, RESTORED = "attached", "decomposed", "restored"
 _STATE = "_hd_pissa_megatron"  # attribute on the model: {"state", "hidden", "hook"}
@@ -209,6 +214,9 @@ def prepare_hd_pissa_model(model: nn.Module, config: HDPiSSAConfig,
         raise ValueError("--hd-pissa-virtual-ranks must be 1 under Megatron-LM (its training loop "
                          "feeds every micro-batch to one slice); use megatron_hdpissa.finetune")
     apply_hd_pissa(model, config, groups, progress=False, decompose=False)
+    # Pipeline stages decompose at their own first forward, at different times: the group of
+    # each stage's ranks is created now, while every rank is in the model provider.
+    stage_group(model.hd_pissa_groups)
     hidden = [p for p in model.parameters() if p.requires_grad]
     for p in hidden:
         p.allreduce = False  # never data-parallel reduced by DDP (see the module docstring)
@@ -358,7 +366,7 @@ class MegatronHDPiSSAOptimizer:
             "factors": [p.detach().clone() for p in self._factors()],
             "names": [f"{e.name}:{e.part.name}" for e in self.optimizer.entries],
             "dp_rank": g.dp_rank, "dp_size": g.dp_size, "tp_rank": g.tp_rank, "tp_size": g.tp_size,
-            "complete": complete,
+            "pp_rank": g.pp_rank, "pp_size": g.pp_size, "complete": complete,
         }
 
     def state_dict(self) -> dict:
@@ -393,11 +401,13 @@ class MegatronHDPiSSAOptimizer:
                 f"this checkpoint holds the HD-PiSSA state of data-parallel rank 0 only (legacy --ckpt-format "
                 f"torch with {st['dp_size']} data-parallel ranks); resume needs --ckpt-format torch_dist, or "
                 "add --no-load-optim to continue from its weights with a fresh decomposition")
-        if (st["dp_size"], st["tp_size"]) != (g.dp_size, g.tp_size) or (st["dp_rank"], st["tp_rank"]) != (
-                g.dp_rank, g.tp_rank):
-            raise ValueError(f"HD-PiSSA optimizer state of DP {st['dp_rank']}/{st['dp_size']}, TP "
-                             f"{st['tp_rank']}/{st['tp_size']} loaded on DP {g.dp_rank}/{g.dp_size}, TP "
-                             f"{g.tp_rank}/{g.tp_size}: resume with the same parallel layout")
+        saved = tuple(st.get(k, 0 if k == "pp_rank" else 1) for k in
+                      ("dp_rank", "dp_size", "tp_rank", "tp_size", "pp_rank", "pp_size"))
+        if saved != (g.dp_rank, g.dp_size, g.tp_rank, g.tp_size, g.pp_rank, g.pp_size):
+            raise ValueError(f"HD-PiSSA optimizer state of DP {saved[0]}/{saved[1]}, TP {saved[2]}/{saved[3]}, "
+                             f"PP {saved[4]}/{saved[5]} loaded on DP {g.dp_rank}/{g.dp_size}, TP "
+                             f"{g.tp_rank}/{g.tp_size}, PP {g.pp_rank}/{g.pp_size}: resume with the same "
+                             "parallel layout (--pipeline-model-parallel-size included)")
         names = [f"{e.name}:{e.part.name}" for e in self.optimizer.entries]
         if st["names"] != names:
             raise ValueError("the HD-PiSSA optimizer state targets other layers than this model "

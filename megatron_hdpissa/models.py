@@ -1,5 +1,5 @@
 """Model description: a serialisable `ModelConfig` read from a Hugging Face LLaMA / Mistral /
-Qwen2 config, its megatron-core `TransformerConfig`, and `build_gpt_model` (local layer spec)."""
+Qwen2 / Qwen3 (dense) config, its megatron-core `TransformerConfig`, and `build_gpt_model` (local layer spec)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +18,10 @@ ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
+# Config fields that make a model a mixture of experts (no converter supports MoE).
+_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 # megatron-core hard-codes these llama3 RoPE-scaling constants.
 _MCORE_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}
@@ -29,7 +32,7 @@ class ModelConfig:
     """What megatron-core needs to rebuild a decoder-only model, and HF needs to get it back.
     Saved as `model_config.json` next to checkpoints."""
 
-    model_type: str                 # "llama" | "mistral" | "qwen2"
+    model_type: str                 # "llama" | "mistral" | "qwen2" | "qwen3"
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -44,6 +47,7 @@ class ModelConfig:
     qkv_bias: bool = False          # Qwen2: biases on q, k, v only
     rope_scaling_factor: float | None = None   # llama3-style RoPE scaling (megatron-core's constants)
     sliding_window: int | None = None          # Mistral: attend to the last `sliding_window` tokens
+    qk_layernorm: bool = False      # Qwen3: RMSNorm over each q and k head (megatron-core qk_layernorm)
     init_method_std: float = 0.02
     hf_config: dict | None = None   # the source config.json, written back verbatim on export
 
@@ -59,6 +63,13 @@ class ModelConfig:
             hf_config = json.loads(path.read_text())
         d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
         model_type = d.get("model_type")
+        moe = {k: d[k] for k in _MOE_FIELDS if d.get(k)}
+        if moe or str(model_type).endswith("_moe"):
+            raise ValueError(
+                f"mixture-of-experts models are not supported (model_type={model_type!r}"
+                + "".join(f", {k}={v}" for k, v in moe.items()) + "); supported dense "
+                f"architectures: {sorted(ARCHITECTURES)}"
+            )
         if model_type not in ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture model_type={model_type!r} "
@@ -68,12 +79,22 @@ class ModelConfig:
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (SwiGLU/silu only)")
         if d.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
-        if model_type == "llama" and d.get("attention_bias"):
-            raise ValueError("attention_bias=True on a llama config is not supported")
+        if model_type in ("llama", "qwen3") and d.get("attention_bias"):
+            raise ValueError(f"attention_bias=True on a {model_type} config is not supported (it also "
+                             "puts a bias on o_proj, which megatron-core's add_qkv_bias does not cover)")
         if d.get("pretraining_tp", 1) != 1:
             raise ValueError(f"pretraining_tp={d['pretraining_tp']} is not supported")
-        if model_type == "qwen2" and d.get("use_sliding_window"):
-            raise ValueError("Qwen2 use_sliding_window=True (per-layer windows) is not supported")
+        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            raise ValueError(f"{model_type} use_sliding_window=True (per-layer windows above "
+                             "max_window_layers) is not supported")
+        layer_types = d.get("layer_types") or []
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if model_type != "mistral" and other:
+            raise ValueError(f"layer_types with {other} entries (per-layer attention kinds) is not "
+                             "supported; every layer must be full_attention")
+        norm = d.get("norm_type") or d.get("normalization")
+        if norm not in (None, "rmsnorm", "RMSNorm", "rms_norm"):
+            raise ValueError(f"norm_type={norm!r} is not supported (RMSNorm only)")
 
         heads = d["num_attention_heads"]
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -105,6 +126,7 @@ class ModelConfig:
             norm_epsilon=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=(model_type == "qwen2"),
+            qk_layernorm=(model_type == "qwen3"),
             rope_scaling_factor=rope_factor,
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
             init_method_std=float(d.get("initializer_range", 0.02)),
@@ -133,7 +155,15 @@ class ModelConfig:
                     "factor": self.rope_scaling_factor, **_MCORE_LLAMA3_ROPE}
         if self.model_type == "mistral":
             kwargs["sliding_window"] = self.sliding_window
-        return config_cls(rope_parameters=rope, **kwargs)
+        if self.model_type == "qwen3":
+            kwargs["attention_bias"] = False
+        # transformers >= 5 reads rope_parameters; 4.x reads only rope_theta / rope_scaling and
+        # silently falls back to theta 10000 when given rope_parameters.
+        if _transformers_major() >= 5:
+            return config_cls(rope_parameters=rope, **kwargs)
+        if self.rope_scaling_factor is not None:
+            kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return config_cls(rope_theta=self.rope_theta, **kwargs)
 
     # ---- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -163,6 +193,25 @@ class ModelConfig:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: not a valid model config: {e}") from e
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def hf_config_for_readers(hf_config: dict, rope_theta: float) -> dict:
+    """A config.json dict both transformers 4.x and 5.x read the same: transformers 5 nests RoPE
+    under `rope_parameters` (and still reads a top-level `rope_theta`); 4.x reads only the
+    top-level `rope_theta` / `rope_scaling` and silently uses theta 10000 otherwise."""
+    d = dict(hf_config)
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict):
+        d.setdefault("rope_theta", rope.get("rope_theta", rope_theta))
+        if rope.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
+            d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return d
 
 
 def _jsonable(d: dict) -> dict:
@@ -292,6 +341,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=config.init_method_std,
@@ -362,7 +412,7 @@ def build_gpt_model(
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
     tconfig = transformer_config(model_config, tp_size, dtype, **overrides)
-    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model_config.qk_layernorm)
     if tconfig.sequence_parallel and needs_own_norm():
         layer_spec = sequence_parallel_block_spec(layer_spec, tconfig)
     return GPTModel(

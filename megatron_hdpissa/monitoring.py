@@ -46,6 +46,22 @@ class Logger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, it)
 
+    def log_step(self, it: int, total: int, loss: float, lr: float, tokens_per_s: float, optimizer) -> None:
+        """One step's line and scalars: loss, lr, throughput, and what the optimizer reports."""
+        extra, text = {}, ""
+        if getattr(optimizer, "last_grad_norm", None) is not None:
+            extra["grad_norm"] = optimizer.last_grad_norm
+            text += f" | grad norm {optimizer.last_grad_norm:.3f}"
+        sent = getattr(optimizer, "last_step_bytes", None)
+        if isinstance(sent, dict):  # HD-PiSSA aggregation: bytes this rank sent this step
+            extra["comm_bytes"] = int(sum(sent.values()))
+            text += f" | sent {extra['comm_bytes'] / 2 ** 20:.2f} MiB"
+        if getattr(optimizer, "grad_scaler", None) is not None:
+            extra.update(loss_scale=float(optimizer.grad_scaler.scale), skipped_steps=optimizer.skipped_steps)
+            text += f" | loss scale {extra['loss_scale']:.0f} | skipped {optimizer.skipped_steps}"
+        self.scalars(it, loss=loss, lr=lr, tokens_per_s=tokens_per_s, **extra)
+        self.print(f"iteration {it:6d}/{total} | loss {loss:.4f} | lr {lr:.3e} | {tokens_per_s:,.0f} tokens/s" + text)
+
     def step(self, postfix: dict):
         if self.bar:
             self.bar.update(1)

@@ -82,3 +82,19 @@ def tiny_mistral_hf_dir(tmp_path_factory):
         architectures=["MistralForCausalLM"],
     )
     return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_mistral"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_hf_dir(tmp_path_factory):
+    """Qwen3 (dense): per-head q/k RMSNorm, explicit head_dim (16, not hidden/heads = 8), 8 heads /
+    4 KV groups, tied embeddings, RoPE theta 1e6, no biases."""
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=128,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        architectures=["Qwen3ForCausalLM"],
+    )
+    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen3"), seed=5)

@@ -196,7 +196,7 @@ def test_round_trip_sharded_output_via_cli(tiny_llama_hf_dir, tmp_path):
     to_megatron = _load_tool("convert_hf_to_megatron")
     to_hf = _load_tool("convert_megatron_to_hf")
     ckpt, back, again = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "ckpt2"
-    assert to_megatron.main(["--hf-dir", str(tiny_llama_hf_dir), "--save", str(ckpt),
+    assert to_megatron.main(["--ckpt-format", "torch", "--hf-dir", str(tiny_llama_hf_dir), "--save", str(ckpt),
                              "--tensor-model-parallel-size", "4", "--no-progress"]) == 0
     assert to_hf.main(["--megatron-dir", str(ckpt), "--save", str(back), "--no-progress",
                        "--max-shard-size-gb", str(40_000 / 1024**3)]) == 0
@@ -204,7 +204,7 @@ def test_round_trip_sharded_output_via_cli(tiny_llama_hf_dir, tmp_path):
     assert (back / "model.safetensors.index.json").is_file()
     _assert_bit_exact(tiny_llama_hf_dir, back)
     # the sharded HF folder converts again (read through its index)
-    assert to_megatron.main(["--hf-dir", str(back), "--save", str(again),
+    assert to_megatron.main(["--ckpt-format", "torch", "--hf-dir", str(back), "--save", str(again),
                              "--tensor-model-parallel-size", "2", "--no-progress"]) == 0
     assert read_checkpoint_info(again).tp_size == 2
 

@@ -116,7 +116,7 @@ def test_round_trip_through_stages_is_bit_exact(pp_converted, key, tiny_llama_hf
 def test_round_trip_via_cli_with_pipeline_flag(tiny_qwen2_hf_dir, tmp_path):
     to_megatron, to_hf = _load_tool("convert_hf_to_megatron"), _load_tool("convert_megatron_to_hf")
     ckpt, back = tmp_path / "ckpt", tmp_path / "hf"
-    assert to_megatron.main(["--hf-dir", str(tiny_qwen2_hf_dir), "--save", str(ckpt), "--no-progress",
+    assert to_megatron.main(["--ckpt-format", "torch", "--hf-dir", str(tiny_qwen2_hf_dir), "--save", str(ckpt), "--no-progress",
                              "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
     assert read_checkpoint_info(ckpt).pp_size == 2
     assert to_hf.main(["--megatron-dir", str(ckpt), "--save", str(tmp_path / "x"), "--no-progress",

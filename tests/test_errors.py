@@ -59,3 +59,54 @@ def _errors_worker():
         _apply_with(dict(rank=2, target_modules=["nonexistent"])),
         _apply_with(dict(rank=2)),
     ]
+
+
+# ---- the command line: one readable line per user error ------------------------------------------
+def _torchrun(*flags):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megatron_hdpissa.finetune", *flags]
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+
+def test_cli_user_error_prints_one_line_from_rank_0(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    missing = tmp_path / "no-such-checkpoint"
+    proc = _torchrun("--pretrained-checkpoint", str(missing), "--data-path", str(data), "--train-iters", "1",
+                     "--no-progress")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if f"{missing} does not exist" in line]
+    assert lines == [f"error: --pretrained-checkpoint/--load {missing} does not exist"], proc.stderr[-3000:]
+    assert "megatron_hdpissa/finetune.py" not in proc.stderr, proc.stderr[-3000:]  # no traceback of ours
+    # every rank exits non-zero (torchrun terminates one that is still waiting)
+    assert "exitcode  : 1" in proc.stderr and "exitcode  : 0" not in proc.stderr, proc.stderr[-3000:]
+    # a usage error: argparse's message once, from rank 0
+    proc = _torchrun("--pretrained-checkpoint", str(missing), "--data-path", str(data), "--train-iters", "1",
+                     "--pad-multiple", "0")
+    assert proc.returncode != 0
+    assert proc.stderr.count("--pad-multiple must be >= 1") == 1, proc.stderr[-3000:]
+
+
+def test_run_cli_keeps_tracebacks_of_unexpected_errors(capsys):
+    from megatron_hdpissa.errors import run_cli
+
+    def bad_input(argv):
+        raise FileNotFoundError("--data-path x.jsonl does not exist")
+
+    def bug(argv):
+        raise RuntimeError("an internal bug")
+
+    shut = []
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(bad_input, [], lambda: shut.append(1))
+    assert exit_.value.code == 1 and shut == [1]
+    assert capsys.readouterr().err == "error: --data-path x.jsonl does not exist\n"
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        run_cli(bug, [], lambda: shut.append(2))
+    assert shut == [1, 2]

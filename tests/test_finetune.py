@@ -102,7 +102,8 @@ NORMS = {"--hd-pissa-trainable-modules": "re:.*layernorm.*"}  # stepped by megat
 
 
 # DP=2; and PP=2 x DP=1 with two virtual ranks (K = 2 either way), one layer per stage
-LAYOUTS = {"dp2": ({}, 1), "pp2": ({"--pipeline-model-parallel-size": 2, "--hd-pissa-virtual-ranks": 2}, 2)}
+LAYOUTS = {"dp2": ({}, 1), "pp2": ({"--pipeline-model-parallel-size": 2, "--hd-pissa-virtual-ranks": 2,
+                                    "--global-batch-size": 4}, 2)}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -154,7 +155,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
         assert sa["data"] == sb["data"]
     if pp > 1:  # the factors and moments belong to one stage: another PP is refused, naming the flag
         msg = run_distributed(_expect_error, 1, 1, args=(common_args(material, **{
-            "--train-iters": 8, "--load": killed, **NORMS, "--hd-pissa-virtual-ranks": 2}),))[0]
+            "--train-iters": 8, "--load": killed, **NORMS, "--hd-pissa-virtual-ranks": 2,
+            "--global-batch-size": 4}),))[0]
         assert "--pipeline-model-parallel-size = 2, this run has 1" in msg, msg
 
 

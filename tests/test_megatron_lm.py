@@ -284,3 +284,63 @@ def test_megatron_lm_flow_matches_apply_hd_pissa_and_optimizer(base_checkpoint):
     assert r0["weight_digest"] == r1["weight_digest"]
     assert r0["sharded"] == ("optimizer.hd_pissa_state", (1, 1, 2), (0, 0, 0), 0)
     assert r1["sharded"] == ("optimizer.hd_pissa_state", (1, 1, 2), (0, 0, 1), 0)
+
+
+# ---- pipeline parallelism -------------------------------------------------------------------------
+def _pp_flow(base_dir: str, steps: int = 2):
+    """Megatron-LM's order at any PP: provider per stage -> DDP -> optimizer hook -> load ->
+    steps through megatron-core's schedule with DDP's finalize_model_grads. Returns this stage's
+    weights (the base state dict: adapters are not part of it)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_hdpissa.conversion import load_megatron_checkpoint
+    from megatron_hdpissa.distributed import ParallelGroups
+    from megatron_hdpissa.models import ModelConfig, build_gpt_model
+    from megatron_hdpissa.training import make_forward_step
+
+    groups = ParallelGroups.from_megatron()
+    args = _megatron_parser(megatron_lm.extra_args_provider).parse_args(
+        ["--lr", "1e-3", "--weight-decay", "0", "--hd-pissa-rank", "4", "--seed", "7"])
+    config = ModelConfig.load(base_dir)
+    pp = {"pipeline_model_parallel_size": groups.pp_size, "pipeline_dtype": torch.float32} if groups.pp_size > 1 else {}
+    provider = megatron_lm.wrap_model_provider(partial(build_gpt_model, config, seed=99, **pp), args)
+    model = provider(pre_process=groups.is_first_stage, post_process=groups.is_last_stage)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    opt = megatron_lm.get_hd_pissa_optimizer([ddp], args)
+    load_megatron_checkpoint(model, base_dir)  # this stage's layers
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    norms = []
+    for step in range(steps):
+        opt.zero_grad()
+        batches = [_batch(10 * step + i, config.vocab_size) for i in range(2)]
+        get_forward_backward_func()(forward_step_func=make_forward_step(torch.device("cpu")),
+                                    data_iterator=iter(batches), model=ddp, num_microbatches=2, seq_length=24,
+                                    micro_batch_size=2)
+        ok, norm, _ = opt.step()
+        norms.append((ok, norm))
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+            "norms": norms}
+
+
+def test_megatron_lm_flow_at_pp2_equals_pp1(base_checkpoint):
+    from megatron_hdpissa.conversion import load_megatron_state_dict, merge_pipeline_stages
+    from megatron_hdpissa.models import ModelConfig
+
+    (one,) = run_distributed(_pp_flow, 1, 1, args=(str(base_checkpoint),))
+    stages = run_distributed(_pp_flow, 2, 1, pp=2, args=(str(base_checkpoint),))
+    # one global gradient norm over both stages, the same as the whole model's
+    for r in stages:
+        assert [ok for ok, _ in r["norms"]] == [True, True]
+        assert [n for _, n in r["norms"]] == pytest.approx([n for _, n in one["norms"]], rel=1e-5)
+    merged = merge_pipeline_stages([r["weights"] for r in stages], ModelConfig.load(base_checkpoint))
+    base = load_megatron_state_dict(base_checkpoint, 0, 1)
+    assert set(merged) == set(one["weights"])
+    moved = 0
+    for k, w in one["weights"].items():
+        update = (w.double() - base[k].double()).norm()
+        assert (merged[k].double() - w.double()).norm() <= 1e-5 * max(update, 1e-12) + 1e-7, k
+        moved += bool(update > 0)
+    assert moved == 8  # every targeted layer (2 layers x qkv, proj, fc1, fc2)

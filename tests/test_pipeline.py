@@ -168,3 +168,24 @@ def _expect_error(argv):
     except Exception as e:  # noqa: BLE001 - the message is what is tested
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+def test_sequence_parallel_and_recompute_flags_reach_the_model(tiny):
+    from megatron_hdpissa.arguments import effective_pad_multiple, parse_args
+
+    argv = _argv(tiny, "sp", **{"--tensor-model-parallel-size": 2, "--sequence-parallel": None,
+                                "--pad-multiple": 3, "--recompute-granularity": "full",
+                                "--recompute-method": "uniform", "--recompute-modules": None})
+    args = parse_args(argv)
+    assert effective_pad_multiple(args) == 6  # a multiple of TP under sequence parallelism
+    assert args.recompute_modules == [] and args.recompute_num_layers is None
+    msgs = run_distributed(_errors, 1, 1, args=([
+        _argv(tiny, "sp1", **{"--sequence-parallel": None}),
+        _argv(tiny, "rc", **{"--recompute-granularity": "full"}),
+    ],))[0]
+    assert "--sequence-parallel needs --tensor-model-parallel-size > 1" in msgs[0], msgs[0]
+    assert "--recompute-method" in msgs[1], msgs[1]
+
+
+def _errors(cases):
+    return [_expect_error(argv) for argv in cases]

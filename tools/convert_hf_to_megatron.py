@@ -1,21 +1,30 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face LLaMA / Mistral / Qwen2 folder into a legacy Megatron checkpoint."""
+"""Convert a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 folder into a Megatron checkpoint:
+`--ckpt-format torch_dist` (default, as Megatron-LM: megatron-core dist_checkpointing, loadable at
+any TP / PP layout) or `torch` (the legacy mp_rank_TT[_PPP] shards of one layout, streamed)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # conversion.DTYPE_NAMES
+CKPT_FORMATS = ("torch_dist", "torch")  # conversion.CKPT_FORMATS, Megatron-LM's --ckpt-format
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--hf-dir", required=True, help="HF model folder (config.json + *.safetensors)")
     p.add_argument("--save", "--megatron-dir", dest="save", required=True,
-                   help="output checkpoint folder (DIR/iter_0000000/mp_rank_TT[_PPP]/model_optim_rng.pt)")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP shards to write")
+                   help="output checkpoint folder (DIR/latest_checkpointed_iteration.txt, DIR/iter_0000000/)")
+    p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
+                   help="torch_dist: one checkpoint for every TP / PP layout (whole model in memory "
+                        "while converting); torch: legacy mp_rank_TT[_PPP]/model_optim_rng.pt shards "
+                        "of the layout below, streamed one shard at a time")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="TP shards to write (torch); checked against the model only (torch_dist)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="pipeline stages to write (must divide the number of layers)")
+                   help="pipeline stages to write, must divide the number of layers (torch); checked "
+                        "only (torch_dist)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast weights (default: keep the HF dtype)")
     p.add_argument("--iteration", type=int, default=0, help="iteration number to record")
@@ -33,12 +42,17 @@ def main(argv=None) -> int:
             args.hf_dir, args.save, args.tensor_model_parallel_size,
             pp_size=args.pipeline_model_parallel_size, dtype=DTYPE_NAMES[args.dtype] if args.dtype else None,
             iteration=args.iteration, force=args.force, progress=not args.no_progress,
+            ckpt_format=args.ckpt_format,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} (--tensor-model-parallel-size {args.tensor_model_parallel_size} "
-          f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size})")
+    if args.ckpt_format == "torch_dist":
+        print(f"wrote {out} (--ckpt-format torch_dist: loads at any tensor / pipeline parallel size)")
+    else:
+        print(f"wrote {out} (--ckpt-format torch --tensor-model-parallel-size "
+              f"{args.tensor_model_parallel_size} --pipeline-model-parallel-size "
+              f"{args.pipeline_model_parallel_size})")
     return 0
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a legacy Megatron checkpoint (TP shards, pipeline stages) back into a Hugging Face folder."""
+"""Convert a Megatron checkpoint back into a Hugging Face folder: `torch_dist` (megatron-core
+dist_checkpointing) or legacy `torch` (TP shards, pipeline stages), detected from the folder."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkpoint folder holding latest_checkpointed_iteration.txt")
     p.add_argument("--save", "--hf-dir", dest="save", required=True, help="output HF folder")
     p.add_argument("--tensor-model-parallel-size", type=int, default=None,
-                   help="expected TP size of the checkpoint (default: whatever it holds)")
+                   help="expected TP size of a legacy checkpoint (default: whatever it holds)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None,
-                   help="expected pipeline size of the checkpoint (default: whatever it holds)")
+                   help="expected pipeline size of a legacy checkpoint (default: whatever it holds)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast weights (default: keep the checkpoint dtype)")
     p.add_argument("--max-shard-size-gb", type=float, default=4.0,
