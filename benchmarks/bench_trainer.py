@@ -10,6 +10,9 @@ HD-PiSSA, the same seed and data) that differs only in its data flags:
     variable   (the default)          each micro-batch padded to its longest sequence, rounded up
                                       to --pad-multiple
     packed     --pack                 several examples per row, rows trimmed like `variable`
+    balanced   (optional) `variable` with the data iterator's `balance_window` = the micro-batches
+               per rank of a step (set through the worker: the trainer has no flag for it), so
+               both ranks get about the same number of positions in every step
     floor      (optional) the padded run on 16-token rows of a tiny question / answer set: what
                a step costs that does not scale with the tokens (optimizer, aggregation,
                per-micro-batch overheads), the bound on what shorter batches can save
@@ -43,11 +46,13 @@ MODES = {
     "padded": ["--pad-to-max-length"],
     "variable": [],
     "packed": ["--pack"],
+    "balanced": [],
     "floor": ["--pad-to-max-length", "--seq-length", "16", "--prompt-template", "{prompt}"],
 }
 FLOOR_EXAMPLES = 256
 TIMINGS_ENV = "BENCH_TRAINER_TIMINGS"  # the worker's output file, per rank
 FORCE_PAD_ENV = "BENCH_TRAINER_FORCE_PAD"  # set by --force-padding-hook: see there
+BALANCE_ENV = "BENCH_TRAINER_BALANCE"  # the balanced mode's balance_window
 
 
 # ---- the worker: one rank of the trainer, timed at the data iterator ------------------------
@@ -69,13 +74,17 @@ def run_worker(argv: list[str]) -> None:
                         int(mask.sum())])
         return batch
 
-    def forced_init(self, *args, **kwargs):
+    force_pad, balance = os.environ.get(FORCE_PAD_ENV) == "1", int(os.environ.get(BALANCE_ENV, "1"))
+
+    def patched_init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.pad_to_max_length = True
+        if force_pad:
+            self.pad_to_max_length = True
+        if self.shuffle:  # the training iterators, not an evaluation pass
+            self.balance_window = balance
 
     data.SFTBatchIterator.__next__ = timed_next
-    if os.environ.get(FORCE_PAD_ENV) == "1":
-        data.SFTBatchIterator.__init__ = forced_init
+    data.SFTBatchIterator.__init__ = patched_init
 
     def dump():
         path = os.environ[TIMINGS_ENV].replace("RANK", os.environ.get("RANK", "0"))
@@ -212,6 +221,7 @@ def run_mode(args, base, train_path, mode: str, tmp: Path, log) -> dict:
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                **{TIMINGS_ENV: str(timings)})
     env[FORCE_PAD_ENV] = "1" if ("--pad-to-max-length" in MODES[mode] and args.force_padding_hook) else "0"
+    env[BALANCE_ENV] = str(args.global_batch_size // (args.micro_batch_size * args.nproc)) if mode == "balanced" else "1"
     log(f"\n[{mode}] " + shlex.join(cmd))
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -229,7 +239,7 @@ def run_mode(args, base, train_path, mode: str, tmp: Path, log) -> dict:
 def summarise_mode(args, mode: str, ranks: list[dict], losses: list[float], wall: float) -> dict:
     per_step_batches = args.global_batch_size // (args.micro_batch_size * args.nproc)
     total_steps = args.warmup + args.steps + 1
-    step_wall, step_cpu, positions, real, supervised = [], [], [], [], []
+    step_wall, step_cpu, positions, real, supervised, slowest = [], [], [], [], [], []
     for s in range(args.warmup, args.warmup + args.steps):
         walls, cpus = [], []
         for rank in ranks:
@@ -244,6 +254,8 @@ def summarise_mode(args, mode: str, ranks: list[dict], losses: list[float], wall
         step_cpu.append(max(cpus))
         step = [r for rank in ranks for r in rank["records"][s * per_step_batches:(s + 1) * per_step_batches]]
         positions.append(sum(shape[0] * shape[1] for _, _, _, shape, _, _ in step))
+        slowest.append(max(sum(r[3][0] * r[3][1] for r in rank["records"][s * per_step_batches:(s + 1) * per_step_batches])
+                           for rank in ranks))
         real.append(sum(rec[4] for rec in step))
         supervised.append(sum(rec[5] for rec in step))
     lengths = sorted({rec[3][1] for rank in ranks for rec in rank["records"]})
@@ -251,7 +263,8 @@ def summarise_mode(args, mode: str, ranks: list[dict], losses: list[float], wall
     return {
         "mode": mode, "step_wall_s": step_wall, "step_cpu_s": step_cpu,
         "median_wall_s": wall_med, "median_cpu_s": cpu_med,
-        "positions_per_step": statistics.mean(positions), "real_tokens_per_step": statistics.mean(real),
+        "positions_per_step": statistics.mean(positions), "slowest_rank_positions_per_step": statistics.mean(slowest),
+        "real_tokens_per_step": statistics.mean(real),
         "supervised_per_step": statistics.mean(supervised),
         "micro_batch_lengths": [lengths[0], lengths[-1]], "losses": losses, "run_wall_s": wall,
     }
@@ -303,17 +316,18 @@ def render(results: dict, info: dict, args, command: str) -> str:
 def ratio_lines(results: dict, args) -> list[str]:
     out = []
     pad = results.get("padded")
-    for mode in ("variable", "packed"):
+    for mode in ("variable", "balanced", "packed"):
         r = results.get(mode)
         if pad is None or r is None:
             continue
         wall, cpu = pad["median_wall_s"] / r["median_wall_s"], pad["median_cpu_s"] / r["median_cpu_s"]
         ratio = cpu if args.basis == "cpu" else wall
         positions = pad["positions_per_step"] / r["positions_per_step"]
+        slowest = pad["slowest_rank_positions_per_step"] / r["slowest_rank_positions_per_step"]
         tokens = (r["real_tokens_per_step"] / pad["real_tokens_per_step"]) * ratio
         line = (f"- padded / {mode} step time: **{ratio:.2f}x** {args.basis} ({cpu:.2f}x CPU, {wall:.2f}x wall); "
-                f"positions computed per step {positions:.2f}x fewer; real tokens/s {tokens:.2f}x")
-        if mode == "variable":
+                f"positions computed per step {positions:.2f}x fewer, by the busiest rank {slowest:.2f}x fewer; real tokens/s {tokens:.2f}x")
+        if mode in ("variable", "balanced"):
             line += f"; target >= {args.target:.2f}x: {'met' if ratio >= args.target else 'NOT met'}"
         out.append(line)
     floor = results.get("floor")

@@ -18,11 +18,19 @@ and everything is reported on a disjoint test part. Per method: a sweep on the h
 edge (up to --max-lrs values), then the best LR repeated with a second seed (held-out curve from
 the trainer). Capacity: each method memorises invented "name -> number" facts at its best GSM8K
 LR for a fixed number of steps. Forgetting: loss on Botchan (Project Gutenberg), before and after.
+
+Budget (benchmarks/study_budget.py; `--estimate-only` prints it): with the defaults about 74 minutes
+on 2 idle cores -- 20 GSM8K fine-tunes of 10 steps (a GSM8K step is about 8 s for the adapters and
+14 s for full fine-tuning on the 30-layer model), 4 fact runs, 200-problem test loss for 8 runs and
+200-problem greedy decoding (160 new tokens) for the base and the 4 best runs. Each extra GSM8K
+step costs about 3 minutes in all. Outputs: study.md, results.json (small), study.json (everything,
+per-problem values and generations), PNGs, in --out; `--publish` copies the small ones.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import re
@@ -51,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=None, help="work folder (default: <cache>/study)")
-    p.add_argument("--publish", default=None, help="also copy study.md, study.json and the PNGs here")
+    p.add_argument("--publish", default=None,
+                   help="also copy study.md, results.json and the PNGs here (not study.json)")
     p.add_argument("--reuse", action="store_true", help="keep finished runs and evaluations found in --out")
     p.add_argument("--keep-exports", action="store_true", help="keep every run's merged HF export (538 MB each)")
     p.add_argument("--estimate-only", action="store_true", help="print the compute estimate and exit")
@@ -64,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--nproc", type=int, default=2, help="processes per fine-tune; divides K")
     m.add_argument("--threads", type=int, default=None, help="threads for evaluation (default: all cores)")
     t = p.add_argument_group("GSM8K training")
-    t.add_argument("--steps", type=int, default=12, help="optimizer steps per GSM8K run")
+    t.add_argument("--steps", type=int, default=10, help="optimizer steps per GSM8K run")
     t.add_argument("--seq-length", type=int, default=256)
     t.add_argument("--template", default="alpaca", help="the trainer's --prompt-template for GSM8K")
     t.add_argument("--warmup", type=int, default=2, help="warm-up steps (cosine decay after)")
@@ -75,19 +84,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--lrs", type=int, default=3, help="learning rates per method before widening")
     s.add_argument("--max-lrs", type=int, default=5, help="widen at most to this many per method")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--num-val", type=int, default=64, help="held-out problems choosing the LR")
+    e.add_argument("--num-val", type=int, default=48, help="held-out problems choosing the LR")
+    e.add_argument("--curve-problems", type=int, default=16,
+                   help="validation problems the trainer evaluates for the held-out curves (seed-2 runs)")
     e.add_argument("--num-test", type=int, default=200, help="held-out problems for the reported loss")
     e.add_argument("--num-em", type=int, default=200, help="test problems decoded for exact match")
-    e.add_argument("--max-new-tokens", type=int, default=192)
+    e.add_argument("--max-new-tokens", type=int, default=160)
     e.add_argument("--gen-batch", type=int, default=40)
     e.add_argument("--eval-batch", type=int, default=8)
     e.add_argument("--botchan-windows", type=int, default=16, help="windows of Botchan for the prose loss")
     e.add_argument("--botchan-length", type=int, default=256, help="tokens per window")
     e.add_argument("--threshold", type=float, default=1e-3, help="effective-rank threshold (relative)")
     f = p.add_argument_group("capacity: invented facts")
-    f.add_argument("--num-facts", type=int, default=1000)
+    f.add_argument("--num-facts", type=int, default=400)
     f.add_argument("--facts-seed", type=int, default=0)
-    f.add_argument("--facts-steps", type=int, default=16, help="optimizer steps (the fixed budget)")
+    f.add_argument("--facts-steps", type=int, default=10, help="optimizer steps (the fixed budget)")
     f.add_argument("--facts-micro-batch", type=int, default=16, help="facts per micro-batch")
     a = p.parse_args(argv)
     a.methods = [x for x in a.methods.split(",") if x]
@@ -124,19 +135,26 @@ class Study:
 
         self.args = args
         self.out = Path(args.out) if args.out else cache_dir() / "study"
-        self.out.mkdir(parents=True, exist_ok=True)
         self.cache = cache_dir()
         self.t0 = time.time()
         self.estimate = study_budget.estimate(args)
-        self.runs_done = 0
-        self.stage_s: dict[str, float] = {}
+        self.runs_done, self.runs_reused = 0, 0
+        # sweeps (half the methods widened once), second seeds, facts
+        self.planned_runs = round(len(args.methods) * (args.lrs + 0.5 + 2))
+        self.stage_s: dict[str, float] = {}  # wall seconds per phase of main()
+        self.work_s = {"training": 0.0, "evaluation": 0.0}  # the same time split by kind of work
 
     def log(self, msg: str) -> None:
         used = (time.time() - self.t0) / 60
         print(f"[{used:5.1f} / ~{self.estimate['total_s'] / 60:.0f} min] {msg}", flush=True)
 
-    def stage(self, name: str, start: float) -> None:
-        self.stage_s[name] = self.stage_s.get(name, 0.0) + time.time() - start
+    def phase(self, name: str, start: float) -> float:
+        now = time.time()
+        self.stage_s[name] = now - start
+        return now
+
+    def work(self, kind: str, start: float) -> None:
+        self.work_s[kind] = self.work_s.get(kind, 0.0) + time.time() - start
 
 
 # ---- material ------------------------------------------------------------------------------------
@@ -149,6 +167,7 @@ def prepare(st: Study) -> None:
     from megatron_hdpissa.tokenizer import HuggingFaceTokenizer
 
     a, t = st.args, time.time()
+    logging.getLogger("megatron_hdpissa.data").setLevel(logging.ERROR)  # truncation counts are recorded
     st.hf = smollm2_hf_dir(num_layers=a.layers)
     st.base = st.out / f"base-{st.hf.name}"
     if not (st.base / TRACKER_FILE).is_file():
@@ -174,7 +193,6 @@ def prepare(st: Study) -> None:
     text = study_data.gutenberg_body(study_data.botchan_path(st.cache).read_text(encoding="utf-8-sig"))
     st.botchan = study_data.text_chunks(tok.encode(text), a.botchan_length, a.botchan_windows)
     st.facts_tokens = sum(len(e.ids) - 1 for e in st.facts.examples)
-    st.stage("material", t)
 
 
 # ---- evaluation of one merged model -------------------------------------------------------------
@@ -215,7 +233,7 @@ def evaluate(st: Study, hf_dir: Path, cache: Path, keys: tuple[str, ...], label:
             done[key]["hit_cap"] = sum(len(x) >= a.max_new_tokens for x in ids)
         done.setdefault("seconds", {})[key] = time.time() - t_key
         cache.write_text(json.dumps(done) + "\n")
-    st.stage("evaluation", t)
+    st.work("evaluation", t)
     return done
 
 
@@ -233,7 +251,8 @@ def finetune_command(st: Study, task: str, method: str, lr: float, seed: int, ru
                 "--global-batch-size", str(a.global_batch), "--train-iters", str(a.steps),
                 "--lr-warmup-iters", str(min(a.warmup, max(0, a.steps - 1)))]
         if curves:
-            data += ["--valid-data-path", str(st.files["val"]), "--eval-interval", str(max(1, a.steps // 3))]
+            data += ["--valid-data-path", str(st.files["val"]), "--eval-interval", str(max(1, a.steps // 2)),
+                     "--eval-iters", str(max(1, a.curve_problems // a.nproc))]  # the first validation problems
     else:
         data = ["--data-path", str(st.files["facts"]), "--prompt-template", "{prompt}", "--seq-length", "32",
                 "--micro-batch-size", str(a.facts_micro_batch), "--global-batch-size", str(a.facts_global_batch),
@@ -272,6 +291,8 @@ def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tup
     if rec is not None and rec["args"] != cmd:
         st.log(f"[{name}] the finished run was made with other settings: training it again")
         rec = None
+    reused = rec is not None
+    st.runs_reused += reused
     if rec is None:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
@@ -282,7 +303,7 @@ def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tup
         with open(run / "stdout.log", "w") as f:
             proc = subprocess.run(full, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         wall = time.time() - t
-        st.stage("training", t)
+        st.work("training", t)
         text = (run / "stdout.log").read_text()
         diverged = "non-finite loss" in text
         if proc.returncode and not diverged:
@@ -299,7 +320,8 @@ def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tup
     if not rec["diverged"]:
         rec["eval"] = evaluate(st, run / "hf", run / "eval.json", keys, name)
     shown = {k: rec["eval"][k].get("mean", rec["eval"][k].get("rate")) for k in keys} if not rec["diverged"] else {}
-    st.log(f"run {st.runs_done}: {name} {'DIVERGED' if rec['diverged'] else ''}in {rec['wall_s']:.0f}s; "
+    st.log(f"run {st.runs_done} of about {st.planned_runs}: {name} {'DIVERGED ' if rec['diverged'] else ''}"
+           f"{'reused (trained' if reused else 'trained'} in {rec['wall_s']:.0f}s{')' if reused else ''}; "
            + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     return rec
 
@@ -325,6 +347,8 @@ def sweep(st: Study, method: str) -> dict:
             st.log(f"[{method}] best LR at the edge of {sorted(scores)}: widening to {nxt:g}")
         todo = [nxt] if nxt is not None else []
     best, at_edge = sm.best_lr(scores)
+    if scores[best] is None:
+        raise RuntimeError(f"[{method}] every learning rate of {sorted(scores)} diverged; lower --lr-centres")
     for lr, rec in records.items():
         if lr != best:
             drop_export(st, rec)
@@ -348,7 +372,6 @@ def effective_rank(st: Study, best_runs: dict) -> dict:
     analysis.write_json(summary, st.out / "effective_rank.json")
     analysis.plot_spectra(results, st.args.threshold, st.out / "spectra.png",
                           f"SmolLM2-135M, {st.hf_layers} layers: K={st.args.k}, r={st.args.rank}, best LR per method")
-    st.stage("effective rank", t)
     return summary
 
 
@@ -377,40 +400,52 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     st = Study(args)
-    st.log("compute estimate (2 idle cores):\n" + study_budget.format_estimate(st.estimate))
+    st.log("compute estimate (unit costs of the full model on 2 idle cores):\n"
+           + study_budget.format_estimate(st.estimate))
     if args.estimate_only:
         return {"estimate": st.estimate}
+    st.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    t = time.time()
     prepare(st)
     st.hf_layers = args.layers or 30
     st.log(f"model {st.hf} ({st.hf_layers} layers), base {st.base}; GSM8K {st.num_train} train / "
            f"{len(st.val)} validation / {len(st.test)} test; {len(st.facts)} facts; Botchan "
            f"{len(st.botchan)} x {args.botchan_length} tokens")
     base = evaluate(st, st.hf, st.out / "base_eval.json", ("val", "botchan", "test", "facts", "em"), "base")
+    t = st.phase("material and base model evaluations", t)
     st.log(f"base: validation {base['val']['mean']:.4f}, test {base['test']['mean']:.4f}, Botchan "
            f"{base['botchan']['mean']:.4f}, facts {base['facts']['k']}/{base['facts']['n']}, exact match "
            f"{base['em']['strict']['k']}/{base['em']['strict']['n']} (last number {base['em']['flexible']['k']})")
 
     sweeps = {m: sweep(st, m) for m in args.methods}
     best = {m: sweeps[m]["runs"][sweeps[m]["best"]] for m in args.methods}
+    t = st.phase("learning-rate sweeps with widenings", t)
     seconds, facts = {}, {}
     for m in args.methods:
-        seconds[m] = fine_tune(st, "gsm8k", m, sweeps[m]["best"], args.seeds[1], ("val", "botchan", "test"), curves=True)
+        seconds[m] = fine_tune(st, "gsm8k", m, sweeps[m]["best"], args.seeds[1], ("val", "botchan", "test"),
+                               curves=True)
         drop_export(st, seconds[m])
+    t = st.phase("second seeds (with held-out curves)", t)
     for m in args.methods:  # the best seed-1 runs: test loss and exact match
         best[m]["eval"] = evaluate(st, Path(best[m]["hf"]), Path(best[m]["hf"]).parent / "eval.json",
                                    ("val", "botchan", "test", "em"), best[m]["name"])
         em = best[m]["eval"]["em"]["strict"]
+        repeat = seconds[m].get("eval", {}).get("test", {}).get("mean", float("nan"))
         st.log(f"[{m}] best LR {sweeps[m]['best']:g}: test loss {best[m]['eval']['test']['mean']:.4f} / "
-               f"{seconds[m]['eval']['test']['mean']:.4f} (seeds {args.seeds}), exact match {em['k']}/{em['n']}")
+               f"{repeat:.4f} (seeds {args.seeds}), exact match {em['k']}/{em['n']}")
+    t = st.phase("test loss and exact match of the best runs", t)
     for m in args.methods:
         facts[m] = fine_tune(st, "facts", m, sweeps[m]["best"], args.seeds[0], ("facts", "botchan"))
         drop_export(st, facts[m])
+    t = st.phase("facts (capacity) runs", t)
     rank = effective_rank(st, best)  # the best runs' exports stay, so --reuse can redo this
+    st.phase("effective rank", t)
 
     study = {
         "args": {k: v for k, v in vars(args).items()}, "machine": machine(), "estimate": st.estimate,
-        "stage_s": st.stage_s, "total_s": time.time() - st.t0, "num_train": st.num_train,
+        "stage_s": st.stage_s, "work_s": st.work_s, "runs": st.runs_done, "runs_reused": st.runs_reused,
+        "total_s": time.time() - st.t0, "num_train": st.num_train,
         "num_val": len(st.val), "num_test": len(st.test), "val_truncated": st.val.num_truncated,
         "test_truncated": st.test.num_truncated, "facts_tokens": st.facts_tokens, "layers": st.hf_layers,
         "load_before": list(load_before), "load_after": list(os.getloadavg()),

@@ -22,6 +22,14 @@ def _ev(rec: dict, key: str, field: str = "mean"):
     return ev[key][field] if key in ev else None
 
 
+def _subset_mean(rec: dict, n: int | None) -> float | None:
+    """The study's validation loss of `rec` on its first `n` problems (what the trainer evaluates)."""
+    v = (rec.get("eval") or {}).get("val")
+    if not n or not v or "sums" not in v:
+        return None
+    return sm.token_mean(v["sums"][:n], v["counts"][:n])
+
+
 def _prop(p: dict | None) -> dict | None:
     return None if p is None else {k: p[k] for k in ("k", "n", "rate", "ci95")}
 
@@ -56,13 +64,15 @@ def analyse(study: dict) -> dict:
             "test_half_range": (max(tests) - min(tests)) / 2 if len(tests) > 1 else None,
             "val": [_ev(best, "val"), _ev(second, "val")],
             "val_trainer_seed2": second["valid"][-1][1] if second.get("valid") else None,
+            "val_study_seed2_subset": _subset_mean(second, study["args"].get("curve_problems")),
             "em_strict": _prop(em["strict"]), "em_flexible": _prop(em["flexible"]),
             "em_formatted": _prop(em["formatted"]), "em_hit_cap": em.get("hit_cap"),
             "botchan": [_ev(best, "botchan"), _ev(second, "botchan")],
             "botchan_delta": _ev(best, "botchan") - base["botchan"]["mean"],
             "facts": _prop(facts["eval"]["facts"]) if not facts["diverged"] else None,
             "facts_botchan": _ev(facts, "botchan"), "facts_diverged": facts["diverged"],
-            "rank": rank.get("aggregate"), "rank_by_projection": {p: v["mean"] for p, v in rank.get("by_projection", {}).items()},
+            "rank": rank.get("aggregate"),
+            "rank_by_projection": {p: v["mean"] for p, v in rank.get("by_projection", {}).items()},
             "rank_ratio_to_lora": ratio, "relative_change": (rank.get("relative_change") or {}).get("mean"),
             "wall_s": best["wall_s"],
         }
@@ -118,6 +128,14 @@ def reading_flags(a: dict) -> list[str]:
                 flags.append(f"{label} hd-pissa vs {m}: McNemar p = {pv:.3g} "
                              f"({c[key]['only_a']} only hd-pissa, {c[key]['only_b']} only {m})"
                              + (" - not distinguishable at 5%" if pv >= 0.05 else ""))
+    by_rank = sorted((p["rank"]["mean"], m, p["facts"]) for m, p in per.items() if p["rank"] and p["facts"])
+    if by_rank:
+        flags.append("capacity, fact recall by effective rank of the GSM8K update: " + ", ".join(
+            f"{m} (rank {r:.0f}) {100 * f['rate']:.1f}% [{100 * f['ci95'][0]:.1f}, {100 * f['ci95'][1]:.1f}]"
+            for r, m, f in by_rank))
+    if a["base"]["em_formatted"]["k"] == 0:
+        flags.append("the base model never writes `####`, so its strict exact match is 0 by format; compare "
+                     "the last-number column")
     ems = [p["em_strict"]["ci95"] for p in per.values()]
     if ems and all(sm.intervals_overlap(x, y) for x in ems for y in ems):
         flags.append("all methods' exact-match 95% intervals overlap")
@@ -243,17 +261,20 @@ def markdown(study: dict) -> str:
         f"- Model: SmolLM2-135M-Instruct (packaged Q4_1 GGUF dequantised to fp32), {study['layers']} decoder "
         "layers, tied embeddings; fp32 training and evaluation.",
         f"- Methods: {', '.join(a['methods'])}; r = {args['rank']} per rank, alpha = "
-        f"{args['alpha'] if args['alpha'] is not None else 'r'}, targets q, k, v, o, gate, up, down of every layer; "
+        f"{args['alpha'] if args['alpha'] is not None else 'r'}, adapters on q, k, v, o, gate, up, down of every "
+        "layer (full fine-tuning trains every parameter); "
         f"K = {args['k']}: HD-PiSSA {args['nproc']} processes x {args['k'] // args['nproc']} virtual ranks, the "
         f"baselines {args['nproc']} data-parallel processes on the same global batch of {args['global_batch']} rows.",
         f"- GSM8K: the repository's fixed split of the packaged test file ({study['num_train']} train / 319 "
         f"held-out, `split_gsm8k(seed=0)`); of the held-out problems the first {study['num_test']} are the test "
         f"set (reported loss; exact match on the first {args['num_em']}) and the next {study['num_val']} the "
         f"validation set (learning-rate choice). No test or validation question is in the training split.",
-        f"- GSM8K training: {args['steps']} steps x {args['global_batch']} rows = {args['steps'] * args['global_batch']} "
+        f"- GSM8K training: {args['steps']} steps x {args['global_batch']} rows = "
+        f"{args['steps'] * args['global_batch']} "
         f"problems (one pass, no repeats), sequence length {args['seq_length']} ({study['test_truncated']} of the "
-        f"test problems are truncated there, as the trainer does), `{args['template']}` template, AdamW, "
-        f"{args['warmup']} warm-up steps then cosine decay to 0, gradient clipping 1.0, seeds {s1} (sweep) and {s2} (repeat).",
+        f"test problems are truncated there, as the trainer does), `{args['template']}` template, Adam (no weight decay), "
+        f"{args['warmup']} warm-up steps then cosine decay to 0, gradient clipping 1.0, seeds {s1} (sweep) and "
+        f"{s2} (repeat).",
         f"- Learning rates: per method, {args['lrs']} values of the half-decade grid (1, 3, 10, 30 x 10^e) around "
         f"its centre ({centres}), widened by one grid "
         f"value while the best validation loss is at an edge, up to {args['max_lrs']} values.",
@@ -263,7 +284,8 @@ def markdown(study: dict) -> str:
         "Wilson intervals; paired comparisons by an exact McNemar test on the same problems.",
         f"- Capacity: {args['num_facts']} invented facts (\"The locker number of <random syllables> is\" -> a "
         f"3-digit number, seed {args['facts_seed']}, generated by the study), {args['facts_steps']} steps x "
-        f"{args['facts_global_batch']} facts ({args['facts_steps'] * args['facts_global_batch'] / args['num_facts']:.1f} "
+        f"{args['facts_global_batch']} facts "
+        f"({args['facts_steps'] * args['facts_global_batch'] / args['num_facts']:.1f} "
         f"epochs, {study['facts_tokens']} supervised-row tokens per epoch) at each method's best GSM8K LR, seed {s1}. "
         "Exact recall: greedy decoding reproduces the number and stops (checked teacher-forced).",
         f"- Forgetting: mean token loss on {args['botchan_windows']} windows of {args['botchan_length']} tokens of "
@@ -297,10 +319,11 @@ def markdown(study: dict) -> str:
         L.append(f"| {m} | {d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] | {e['only_a']} / "
                  f"{e['only_b']}, p = {e['p_value']:.3g} | "
                  + (f"{fc['only_a']} / {fc['only_b']}, p = {fc['p_value']:.3g}" if fc else "-") + " |")
-    L += ["", "Seed-2 validation loss measured by the trainer (megatron-core forward) and by the study "
-          "(transformers forward on the merged export):", "", "| method | trainer | study |", "|---|---|---|"]
+    L += ["", f"Cross-check, seed-2 runs: loss on the first {args.get('curve_problems')} validation problems "
+          "at the last step, by the trainer (megatron-core forward) and by the study (transformers forward on "
+          "the merged export):", "", "| method | trainer | study |", "|---|---|---|"]
     for m, p in per.items():
-        L.append(f"| {m} | {_f(p['val_trainer_seed2'])} | {_f(p['val'][1])} |")
+        L.append(f"| {m} | {_f(p['val_trainer_seed2'])} | {_f(p['val_study_seed2_subset'])} |")
     L += ["", "## Every learning rate", "",
           "| method | LR | validation loss | Botchan loss | training loss (last 3 steps) | run wall (s) |",
           "|---|---|---|---|---|---|"]
@@ -315,7 +338,8 @@ def markdown(study: dict) -> str:
     for m, p in per.items():
         L.append(f"| {m} | {_f(p['botchan'][0])} / {_f(p['botchan'][1])} | {_f(p['facts_botchan'])} |")
     L += ["", f"Base model: {_f(base['botchan'])}.", "", "## Effective rank of W_T - W_0", "",
-          "| method | " + " | ".join(next(iter(per.values()))["rank_by_projection"]) + " | x LoRA | mean ‖ΔW‖/‖W0‖ |",
+          "| method | " + " | ".join(next(iter(per.values()))["rank_by_projection"])
+          + " | x LoRA | mean ‖ΔW‖/‖W0‖ |",
           "|---|" + "---|" * (len(next(iter(per.values()))["rank_by_projection"]) + 2)]
     for m, p in per.items():
         L.append(f"| {m} | " + " | ".join(f"{v:.1f}" for v in p["rank_by_projection"].values())
@@ -326,12 +350,21 @@ def markdown(study: dict) -> str:
           f"{a['budget']['estimate_s'] / 60:.1f} min; actual: {a['budget']['actual_s'] / 60:.1f} min "
           f"(load average {' '.join(f'{x:.1f}' for x in study['load_before'])} before, "
           f"{' '.join(f'{x:.1f}' for x in study['load_after'])} after).", "",
-          "| stage | estimated (min) |", "|---|---|"]
+          "| estimated stage | minutes |", "|---|---|"]
     L += [f"| {k} | {v / 60:.1f} |" for k, v in a["budget"]["estimate_stages_s"].items()]
-    L += ["", "| measured | minutes |", "|---|---|"]
+    L += ["", "| measured stage | minutes |", "|---|---|"]
     L += [f"| {k} | {v / 60:.1f} |" for k, v in a["budget"]["actual_stages_s"].items()]
+    if study.get("runs_reused"):
+        L += ["", f"{study['runs_reused']} of the {study['runs']} fine-tunes were reused (`--reuse`) from an earlier "
+              "invocation: the measured stages hold only this invocation's time; each run's own wall time is "
+              "in the learning-rate table and in `study.json`."]
+    work = study.get("work_s", {})
+    if work:
+        L += ["", "Of the measured time, " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in work.items())
+              + " (fine-tunes incl. launch and export; evaluations of the exports)."]
     L += ["", f"Machine: {', '.join(f'{k} {v}' for k, v in mach.items())}.", "", "## Commands", "", "```",
-          "make study   # = " + study["command"], "```", "",
+          study["command"], "```", "", "(`make study` runs `.venv/bin/python benchmarks/study.py --publish "
+          "benchmarks/study`.)", "",
           "Every fine-tune's exact command is in `study.json` (`sweeps.<method>.runs.<lr>.command`, "
           "`seconds.<method>.command`, `facts.<method>.command`); for example the best HD-PiSSA run:", "", "```",
           study["best"][a["methods"][0]]["command"], "```", ""]

@@ -13,7 +13,7 @@ from .adapter import COLUMN, ROW
 from .apply import check_components, find_targets, freeze_base
 from .config import HDPiSSAConfig
 from .decomposition import Unit, decompose_units
-from .distributed import ParallelGroups, average_over_dp_, squared_norms
+from .distributed import ParallelGroups, average_over_dp_, grads_for_norm, squared_norms
 from .recompute import ensure_block_input_requires_grad
 
 LORA, PISSA = "lora", "pissa"
@@ -212,9 +212,8 @@ class DataParallelAdamW(torch.optim.AdamW):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         self.last_step_bytes = average_over_dp_(grads, self.groups)
-        if self.clip_grad > 0 and grads:
-            sq = squared_norms([[(bool(getattr(p, "tensor_model_parallel", False)), x)
-                                 for p, x in zip(params, grads)]], self.groups)
+        if self.clip_grad > 0:  # on every rank: the norm's all-reduce spans the pipeline stages
+            sq = squared_norms([grads_for_norm(params, grads)], self.groups)
             self.last_grad_norm = float(sq[0].sqrt())
             coef = self.clip_grad / (self.last_grad_norm + 1e-6)
             if coef < 1.0:

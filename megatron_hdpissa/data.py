@@ -353,9 +353,17 @@ class SFTBatchIterator:
     full, the last ones of an epoch less so). The padding never changes which examples a batch
     holds, so it is not part of the resumable position.
 
+    With `balance_window=W > 1` the rows of W consecutive steps (W micro-batches per shard) are
+    dealt out together: longest first, each to the shard with the fewest positions so far that
+    still has room, then each shard's rows, longest first, make its W micro-batches. Every shard
+    then computes about the same number of positions and similar lengths share a micro-batch, so
+    with variable lengths no rank waits for a slower one. Give W = the micro-batches per shard of
+    one optimizer step: the step's examples stay the same, only which shard computes which one
+    changes. W = 1 keeps the rows in order.
+
     The position is (epoch, consumed rows over all shards); `state_dict` after a batch, loaded into
     a fresh iterator, yields exactly the batches that would have followed, also with another
-    number of shards.
+    number of shards (with `balance_window` 1; balancing depends on the shard count).
     """
 
     def __init__(
@@ -371,11 +379,14 @@ class SFTBatchIterator:
         num_epochs: int | None = None,
         pad_to_max_length: bool = False,
         pad_multiple: int = 8,
+        balance_window: int = 1,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size must be positive, got {micro_batch_size}")
         if pad_multiple < 1:
             raise ValueError(f"--pad-multiple must be positive, got {pad_multiple}")
+        if balance_window < 1:
+            raise ValueError(f"balance_window must be positive, got {balance_window}")
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} outside [0, num_shards={num_shards})")
         self.dataset = dataset
@@ -389,6 +400,8 @@ class SFTBatchIterator:
         self.num_epochs = num_epochs
         self.pad_to_max_length = pad_to_max_length
         self.pad_multiple = pad_multiple
+        self.balance_window = balance_window
+        self._window_key, self._window = None, None
         self.epoch = 0
         self.consumed = 0
         self._lengths = [len(e.ids) - 1 for e in dataset.examples]
@@ -434,9 +447,12 @@ class SFTBatchIterator:
                     f"of {self.num_shards} shards x micro-batch {self.micro_batch_size}"
                 )
             self.epoch, self.consumed = self.epoch + 1, 0
-        start = self.consumed + self.shard_index * self.micro_batch_size
-        mine = rows[start : min(start + self.micro_batch_size, len(rows))]
-        mine = mine + [[]] * (self.micro_batch_size - len(mine))
+        if self.balance_window > 1:
+            mine = self._balanced_rows(rows)
+        else:
+            start = self.consumed + self.shard_index * self.micro_batch_size
+            mine = rows[start : min(start + self.micro_batch_size, len(rows))]
+            mine = mine + [[]] * (self.micro_batch_size - len(mine))
         self.consumed += self.rows_per_step
         length = self.dataset.seq_length
         if not self.pad_to_max_length:
@@ -444,6 +460,29 @@ class SFTBatchIterator:
             length = padded_length(longest, length, self.pad_multiple)
         built = [self.dataset.build_row(row, length) for row in mine]
         return {key: torch.stack([row[key] for row in built]) for key in built[0]}
+
+    def _balanced_rows(self, rows: list[list[int]]) -> list[list[int]]:
+        """This shard's rows for the current micro-batch under `balance_window` (see the class)."""
+        step = self.consumed // self.rows_per_step
+        window, within = divmod(step, self.balance_window)
+        if self._window_key != (self.epoch, window):
+            first = window * self.balance_window
+            steps = min(self.balance_window, self.batches_in_epoch(self.epoch) - first)
+            start = first * self.rows_per_step
+            group = rows[start : min(start + steps * self.rows_per_step, len(rows))]
+            group = group + [[]] * (steps * self.rows_per_step - len(group))
+            sizes = [sum(self._lengths[i] for i in row) for row in group]
+            room = steps * self.micro_batch_size
+            shards: list[list[int]] = [[] for _ in range(self.num_shards)]
+            totals = [0] * self.num_shards
+            for r in sorted(range(len(group)), key=lambda r: (-sizes[r], r)):
+                k = min((k for k in range(self.num_shards) if len(shards[k]) < room), key=lambda k: (totals[k], k))
+                shards[k].append(r)
+                totals[k] += sizes[r]
+            self._window = [group[r] for r in shards[self.shard_index]]  # dealt longest first
+            self._window_key = (self.epoch, window)
+        m = self.micro_batch_size
+        return self._window[within * m : (within + 1) * m]
 
     def state_dict(self) -> dict:
         return dict(

@@ -49,11 +49,12 @@ def report_user_error(exc: BaseException, wait_s: float = 10.0) -> None:
             with contextlib.suppress(Exception):
                 store.wait([_KEY + str(r) for r in range(1, world)], datetime.timedelta(seconds=wait_s))
         return
+    if store is None:  # before the process group exists: the checks are the same on every rank
+        return
     seen = None
-    if store is not None:
-        with contextlib.suppress(Exception):
-            store.wait([_KEY + "0"], datetime.timedelta(seconds=wait_s))
-            seen = store.get(_KEY + "0").decode()
+    with contextlib.suppress(Exception):
+        store.wait([_KEY + "0"], datetime.timedelta(seconds=wait_s))
+        seen = store.get(_KEY + "0").decode()
     if seen != msg:
         print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
 

@@ -51,6 +51,7 @@ class FinetuneRecipe:
         args = self.args
         torch.manual_seed(args.seed)
         random.seed(args.seed)
+        self.check_layout()
         self.groups = g = distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
         if (g.tp_size, g.pp_size) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
             raise ValueError(f"megatron-core is initialised with TP={g.tp_size}, PP={g.pp_size}, but the flags "
@@ -65,22 +66,29 @@ class FinetuneRecipe:
         self.setup_data()
         self.resume()
 
+    def check_layout(self) -> None:
+        """Before any process group: the base checkpoint exists and the pipeline splits its layers."""
+        from .models import ModelConfig
+
+        args = self.args
+        self.resuming = bool(args.load) and checkpointing.is_training_checkpoint(args.load)
+        self.base_dir = Path(args.load if (self.resuming or not args.pretrained_checkpoint) else args.pretrained_checkpoint)
+        if not self.base_dir.is_dir():
+            raise FileNotFoundError(f"--pretrained-checkpoint/--load {self.base_dir} does not exist")
+        layers, pp = ModelConfig.load(self.base_dir).num_layers, args.pipeline_model_parallel_size
+        if layers % pp:
+            raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the {layers} layers of this "
+                             f"model (valid: {[p for p in range(1, layers + 1) if layers % p == 0]})")
+
     def setup_model(self) -> None:
         from .conversion import TOKENIZER_DIR, load_megatron_checkpoint
         from .models import ModelConfig, build_gpt_model, parallelism_overrides
         from .tokenizer import build_tokenizer, check_vocab_fits
 
         args, g = self.args, self.groups
-        self.resuming = bool(args.load) and checkpointing.is_training_checkpoint(args.load)
-        self.base_dir = Path(args.load if (self.resuming or not args.pretrained_checkpoint) else args.pretrained_checkpoint)
-        if not self.base_dir.is_dir():
-            raise FileNotFoundError(f"--pretrained-checkpoint/--load {self.base_dir} does not exist")
         model_config = ModelConfig.load(self.base_dir)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or str(self.base_dir / TOKENIZER_DIR))
         check_vocab_fits(self.tokenizer, model_config.vocab_size)
-        if model_config.num_layers % g.pp_size:
-            raise ValueError(f"--pipeline-model-parallel-size {g.pp_size} does not divide the "
-                             f"{model_config.num_layers} layers of this model")
         overrides = parallelism_overrides(
             g.tp_size, args.seq_length, model_config.num_layers, pp_size=g.pp_size,
             sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,

@@ -439,3 +439,55 @@ def test_variable_length_loss_and_gradients_equal_padded_on_gptmodel(sp_tok, gsm
             scale = float(g.abs().max())
             assert scale > 0, name
             torch.testing.assert_close(grads_v[name], g, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_balance_window_deals_each_window_evenly_and_resumes(sp_tok, gsm8k_examples):
+    dataset = SFTDataset(gsm8k_examples[:45], sp_tok, seq_length=384, template="{prompt}")
+    index = example_index(dataset)
+    window, shards, mbs = 4, 2, 2
+    kw = dict(micro_batch_size=mbs, num_shards=shards, seed=9, num_epochs=1)
+
+    def shard_batches(**extra):
+        return [list(SFTBatchIterator(dataset, shard_index=k, **kw, **extra)) for k in range(shards)]
+
+    plain, balanced = shard_batches(), shard_batches(balance_window=window)
+    steps = len(plain[0])
+    assert steps == 45 // (shards * mbs) == 11 and [len(b) for b in balanced] == [steps] * shards
+    ends = [[supervised_end(b).tolist() for b in batches] for batches in balanced]
+    for first in range(0, steps, window):
+        last = min(first + window, steps)  # the last window is shorter (11 = 4 + 4 + 3)
+
+        def examples(batches):
+            return sorted(index[tuple(s[0].tolist())] for b in batches[first:last] for s in segments(b))
+
+        # The same examples in the window, only dealt out differently, and each one once.
+        assert examples(plain[0]) + examples(plain[1]) != []
+        assert sorted(examples(plain[0]) + examples(plain[1])) == sorted(examples(balanced[0]) + examples(balanced[1]))
+        assert not set(examples(balanced[0])) & set(examples(balanced[1]))
+        totals = [sum(sum(e) for e in ends[k][first:last]) for k in range(shards)]
+        longest = max(max(e) for k in range(shards) for e in ends[k][first:last])
+        assert abs(totals[0] - totals[1]) <= longest
+        plain_totals = [sum(int(supervised_end(b).sum()) for b in plain[k][first:last]) for k in range(shards)]
+        assert max(totals) <= max(plain_totals)
+        # Longest first within a shard, so similar lengths share a micro-batch.
+        for k in range(shards):
+            flat = [n for e in ends[k][first:last] for n in e]
+            assert flat == sorted(flat, reverse=True)
+    # Resuming inside a window (and across the epoch end) yields the same batches.
+    it = SFTBatchIterator(dataset, shard_index=1, **{**kw, "num_epochs": 2}, balance_window=window)
+    for _ in range(steps - 2):  # inside the last (short) window of the first epoch
+        next(it)
+    state = it.state_dict()
+    assert state["consumed"] // (shards * mbs) % window == 1
+    want = [next(it) for _ in range(steps)]
+    resumed = SFTBatchIterator(dataset, shard_index=1, **{**kw, "num_epochs": 2}, balance_window=window)
+    resumed.load_state_dict(state)
+    for w in want:
+        got = next(resumed)
+        assert all(torch.equal(got[k], w[k]) for k in w)
+    # One window per epoch: the second epoch deals its own (reshuffled) rows.
+    it = SFTBatchIterator(dataset, shard_index=0, **{**kw, "num_epochs": 2}, balance_window=steps)
+    epochs = [[next(it)["tokens"] for _ in range(steps)] for _ in range(2)]
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(*epochs))
+    with pytest.raises(ValueError, match="balance_window must be positive"):
+        SFTBatchIterator(dataset, 2, balance_window=0)

@@ -177,9 +177,6 @@ def test_crash_during_save_keeps_previous_checkpoint_loadable(tmp_path):
     assert (info.iteration, info.ckpt_format) == (1, "torch_dist")
     again = dist_whole_state_dict(info.iter_dir, config)
     assert sorted(first) == sorted(again) and all(torch.equal(first[k], again[k]) for k in first)
-    # and it still loads into a model through megatron-core
-    (loaded, _), = run_distributed(_load_at_current_layout, world_size=1, tp=1, args=(str(info.iter_dir),))
-    assert torch.equal(loaded["embedding.word_embeddings.weight"], first["embedding.word_embeddings.weight"])
 
 
 # ---- no arbitrary unpickling ----------------------------------------------------------------------

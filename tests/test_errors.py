@@ -74,7 +74,7 @@ def _torchrun(*flags):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
-def test_cli_user_error_prints_one_line_from_rank_0(tmp_path):
+def test_cli_user_error_prints_one_line_from_rank_0(tmp_path, tiny_llama_hf_dir, smollm2_hf_dir):
     data = tmp_path / "train.jsonl"
     data.write_text('{"question": "q", "answer": "a"}\n')
     missing = tmp_path / "no-such-checkpoint"
@@ -86,6 +86,17 @@ def test_cli_user_error_prints_one_line_from_rank_0(tmp_path):
     assert "megatron_hdpissa/finetune.py" not in proc.stderr, proc.stderr[-3000:]  # no traceback of ours
     # every rank exits non-zero (torchrun terminates one that is still waiting)
     assert "exitcode  : 1" in proc.stderr and "exitcode  : 0" not in proc.stderr, proc.stderr[-3000:]
+    # after the process groups exist (rank 0 reports; the others see the same message and stay quiet):
+    # SmolLM2's 49152-token tokenizer on a model with a 256-entry vocabulary
+    from megatron_hdpissa.conversion import convert_hf_to_megatron
+
+    tiny = convert_hf_to_megatron(tiny_llama_hf_dir, tmp_path / "tiny", tp_size=1, progress=False)
+    proc = _torchrun("--pretrained-checkpoint", str(tiny), "--tokenizer-model", str(smollm2_hf_dir),
+                     "--data-path", str(data), "--train-iters", "1", "--no-progress")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "--tokenizer-model" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "256" in lines[0], proc.stderr[-3000:]
+    assert "megatron_hdpissa/" not in proc.stderr, proc.stderr[-3000:]
     # a usage error: argparse's message once, from rank 0
     proc = _torchrun("--pretrained-checkpoint", str(missing), "--data-path", str(data), "--train-iters", "1",
                      "--pad-multiple", "0")

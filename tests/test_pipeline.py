@@ -134,17 +134,19 @@ def _logits(ckpt_dir, tokens):
         return model(input_ids=tokens, position_ids=torch.arange(tokens.shape[1])[None], attention_mask=None)
 
 
-@pytest.mark.parametrize("peft", ["pissa", "lora"])
-def test_baselines_at_pp2_equal_pp1(tiny, peft):
-    over = {"--peft": peft, "--lr": 3e-3}
-    run_distributed(_main, 1, 1, args=(_argv(tiny, f"{peft}1", **over),))
-    run_distributed(_main, 2, 1, args=(_argv(tiny, f"{peft}2", **over, **{"--pipeline-model-parallel-size": 2}),),
+def test_baselines_at_pp2(tiny):
+    """PiSSA at PP=2 equals PP=1; LoRA trains at PP=2 from the base model's loss (its A is drawn
+    per stage from one generator, so its PP=1 run differs: see the report)."""
+    over = {"--peft": "pissa", "--lr": 3e-3}
+    run_distributed(_main, 1, 1, args=(_argv(tiny, "pissa1", **over),))
+    run_distributed(_main, 2, 1, args=(_argv(tiny, "pissa2", **over, **{"--pipeline-model-parallel-size": 2}),),
                     pp=2)
-    if peft == "lora":  # LoRA's A is drawn per layer from one generator: see the report
-        la, lb = _losses(tiny, f"{peft}1"), _losses(tiny, f"{peft}2")
-        assert la[0] == pytest.approx(lb[0], rel=1e-6)
-        return
-    _assert_same_run(tiny, f"{peft}1", f"{peft}2", pp_b=2)
+    _assert_same_run(tiny, "pissa1", "pissa2", pp_b=2)
+    r = run_distributed(_main, 2, 1, args=(_argv(tiny, "lora2", **{"--peft": "lora", "--lr": 3e-3,
+                                                                   "--pipeline-model-parallel-size": 2}),), pp=2)[0]
+    lora, pissa = _losses(tiny, "lora2"), _losses(tiny, "pissa1")
+    assert lora[0] == pytest.approx(pissa[0], rel=1e-5)  # B = 0: the base model, like PiSSA's W_res + BA
+    assert r["valid_loss_after"] < r["valid_loss_before"]
 
 
 def test_pp2_tp2_equals_tp1(tiny):
@@ -157,8 +159,8 @@ def test_pp2_tp2_equals_tp1(tiny):
 
 
 def test_pp_must_divide_layers(tiny):
-    msg = run_distributed(_expect_error, 3, 1, args=(_argv(tiny, "bad", **{"--pipeline-model-parallel-size": 3}),),
-                          pp=3)[0]
+    # checked before any process group is created
+    msg = _expect_error(_argv(tiny, "bad", **{"--pipeline-model-parallel-size": 3}))
     assert "--pipeline-model-parallel-size 3 does not divide the 2 layers" in msg, msg
 
 

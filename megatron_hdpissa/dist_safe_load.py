@@ -1,0 +1,197 @@
+"""Loading torch_dist checkpoints without unpickling code: an allow-list unpickler, weights_only reads."""
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+from pathlib import Path
+
+import torch
+
+COMMON_FILE = "common.pt"              # megatron-core's COMMON_STATE_FNAME
+DCP_METADATA_FILE = ".metadata"        # torch.distributed.checkpoint's index
+
+
+# Modules whose classes (dataclasses / enums describing tensors, chunks and files) make up a
+# torch.distributed.checkpoint `.metadata` index; any class defined there may be rebuilt.
+_ALLOWED_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint._extension",
+)
+# Single globals such an index also refers to (torch 2.13: dtype, Size, the layout by name,
+# the checkpoint id as a path).
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _SafeMetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's `.metadata` index (a `Metadata` dataclass of
+    tensor / chunk / byte descriptors) and refuses every other global, so a crafted checkpoint
+    cannot run code on load."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in _ALLOWED_METADATA_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
+        raise pickle.UnpicklingError(
+            f"checkpoint index refers to {module}.{name}, which a torch_dist checkpoint's "
+            f"{DCP_METADATA_FILE} never holds; refusing to unpickle it")
+
+
+def read_dcp_metadata(iter_dir):
+    """torch.distributed.checkpoint's `Metadata` of a torch_dist folder, read with the allow-list
+    unpickler."""
+    path = Path(iter_dir) / DCP_METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {iter_dir} is not a finished torch_dist checkpoint")
+    with open(path, "rb") as f:
+        try:
+            return _SafeMetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _load_weights_only(path, what: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot read {what} {path} with torch.load(weights_only=True): {e}") from e
+
+
+def load_common_state(iter_dir) -> dict:
+    """The common state (`common.pt`) of a torch_dist iteration folder, `weights_only`."""
+    state = _load_weights_only(Path(iter_dir) / COMMON_FILE, "common state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{Path(iter_dir) / COMMON_FILE} holds {type(state).__name__}, not a dict")
+    return state
+
+
+def _safe_common_strategy():
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
+        """megatron-core's common-state loader with `weights_only=True` spelled out (megatron-core
+        0.16.1 calls plain `torch.load`, whose default depends on the torch version and on
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)."""
+
+        def load_common(self, checkpoint_dir):
+            from megatron.core.dist_checkpointing.core import CheckpointingException
+
+            try:
+                return _load_weights_only(Path(checkpoint_dir) / COMMON_FILE, "common state")
+            except FileNotFoundError as e:
+                raise CheckpointingException(f"{Path(checkpoint_dir) / COMMON_FILE} does not exist") from e
+
+        def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+            raise NotImplementedError("sharded objects are stored inside the torch_dist shards")
+
+    return WeightsOnlyCommonLoadStrategy()
+
+
+def safe_filesystem_reader(iter_dir):
+    """torch.distributed.checkpoint `FileSystemReader` (megatron-core's caching subclass) whose
+    `.metadata` index is read through the allow-list unpickler."""
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+
+    class SafeReader(CachedMetadataFileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if self._cached_metadata is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata = read_dcp_metadata(self.path)
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self._cached_metadata = metadata
+            return self._cached_metadata
+
+    return SafeReader(str(iter_dir))
+
+
+def read_global_tensors(iter_dir, keys=None) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) tensors of a torch_dist folder keyed as megatron-core saved them
+    (global shapes; layers stacked on a leading layer axis under `decoder.layers.*`), read in
+    this process without a process group. `keys`: only these (default: every tensor)."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = safe_filesystem_reader(iter_dir)
+    metadata = reader.read_metadata()
+    tensors = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata) and (keys is None or key in keys):
+            tensors[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+    missing = set(keys or ()) - set(tensors)
+    if missing:
+        raise ValueError(f"{iter_dir}: tensors {sorted(missing)[:5]} are not in the checkpoint")
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
+def _safe_sharded_strategy():
+    """megatron-core's torch_dist load strategy reading the `.metadata` index through the
+    allow-list and sharded objects (`_extra_state` and the like) with `weights_only=True`.
+    torch's `DefaultLoadPlanner.load_bytes` calls `torch.load(..., weights_only=False)` and
+    `FileSystemReader.read_metadata` plain `pickle.load`; megatron-core 0.16.1 builds both inside
+    `TorchDistLoadShardedStrategy.load`, so the two hooks are swapped for the duration of the
+    call."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    class SafeLoadPlanner(mcore_torch.MCoreLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            # Deserialise with weights_only (raises on anything but tensors and plain data), then
+            # hand torch's planner a re-serialised copy of that already-checked object.
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - re-raised naming the entry
+                raise ValueError(f"sharded object {read_item.dest_index.fqn!r} is not loadable with "
+                                 f"torch.load(weights_only=True): {e}") from e
+            checked = io.BytesIO()
+            torch.save(obj, checked)
+            checked.seek(0)
+            super().load_bytes(read_item, checked)
+
+    class SafeTorchDistLoadShardedStrategy(mcore_torch.TorchDistLoadShardedStrategy):
+        def load(self, sharded_state_dict, checkpoint_dir):
+            with _swapped(mcore_torch, MCoreLoadPlanner=SafeLoadPlanner,
+                          _get_filesystem_reader=lambda d, cache_metadata=False: safe_filesystem_reader(d)):
+                return super().load(sharded_state_dict, checkpoint_dir)
+
+        def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+            return super().load_tensors_metadata(checkpoint_dir, metadata or read_dcp_metadata(checkpoint_dir))
+
+        def load_sharded_metadata(self, checkpoint_dir):
+            with _swapped(mcore_torch, _get_filesystem_reader=lambda d, cache_metadata=False: safe_filesystem_reader(d)):
+                return super().load_sharded_metadata(checkpoint_dir)
+
+    return SafeTorchDistLoadShardedStrategy()
+
+
+@contextlib.contextmanager
+def _swapped(module, **attrs):
+    old = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
+
+
+__all__ = ["COMMON_FILE", "DCP_METADATA_FILE", "load_common_state", "read_dcp_metadata",
+           "read_global_tensors", "safe_filesystem_reader"]
