@@ -272,7 +272,8 @@ def markdown(study: dict) -> str:
         f"- GSM8K training: {args['steps']} steps x {args['global_batch']} rows = "
         f"{args['steps'] * args['global_batch']} "
         f"problems (one pass, no repeats), sequence length {args['seq_length']} ({study['test_truncated']} of the "
-        f"test problems are truncated there, as the trainer does), `{args['template']}` template, Adam (no weight decay), "
+        f"test problems are truncated there, as the trainer does), `{args['template']}` template, "
+        "Adam (no weight decay), "
         f"{args['warmup']} warm-up steps then cosine decay to 0, gradient clipping 1.0, seeds {s1} (sweep) and "
         f"{s2} (repeat).",
         f"- Learning rates: per method, {args['lrs']} values of the half-decade grid (1, 3, 10, 30 x 10^e) around "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import zlib
 from typing import Optional
 
 import torch
@@ -98,6 +100,17 @@ def _hook(module, args, kwargs, output):
     return (out, bias) if isinstance(output, tuple) else out
 
 
+def global_layer_name(model: nn.Module, name: str) -> str:
+    """`name` with a pipeline stage's local `decoder.layers.<i>` index replaced by the global one
+    (megatron-core's `layer_number`, 1-based)."""
+    m = re.search(r"(^|\.)decoder\.layers\.(\d+)\.", name)
+    if m is None:
+        return name
+    layers = model.get_submodule(name[:m.end() - 1].rsplit(".", 1)[0])
+    number = getattr(layers[int(m.group(2))], "layer_number", int(m.group(2)) + 1)
+    return f"{name[:m.start(2)]}{number - 1}{name[m.end(2):]}"
+
+
 def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
                   groups: Optional[ParallelGroups] = None, progress: bool = True,
                   decompose: bool = True) -> nn.Module:
@@ -111,7 +124,6 @@ def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
     targets = find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition)
     freeze_base(model, config.trainable_modules)
     units = []
-    gen = torch.Generator().manual_seed(config.seed)
     for t in targets:
         module = t.module
         ad = LowRankAdapter(t.name, t.kind, t.parts, config.rank, config.scale, t.in_local, t.rows_local,
@@ -124,7 +136,11 @@ def apply_lowrank(model: nn.Module, config: HDPiSSAConfig, method: str,
         module.weight.requires_grad_(False)
         for part, (m, n) in zip(t.parts, t.shapes):
             if method == LORA:
-                # Full-size A drawn identically on every rank, then sharded like the weight.
+                # Full-size A drawn identically on every rank, then sharded like the weight; the
+                # stream is keyed by the layer's global name, so every pipeline layout draws the
+                # same A for the same layer.
+                gen = torch.Generator().manual_seed(
+                    config.seed + zlib.crc32(f"{global_layer_name(model, t.name)}/{part.name}".encode()))
                 a_full = torch.empty(config.rank, n)
                 nn.init.kaiming_uniform_(a_full, a=math.sqrt(5), generator=gen)
                 _load_part(ad, part.name, t.kind, groups, a_full, None)

@@ -70,23 +70,14 @@ class Unit:
         return torch.cat(shards, 0 if self.kind == COLUMN else 1)
 
 
-_STAGE_GROUPS: dict = {}  # (world group, pp rank, pp size) -> the stage's process group
-
-
 def stage_group(groups: ParallelGroups):
-    """The process group of every rank on this pipeline stage (its TP x DP ranks; None = the
-    world at PP = 1). Created once, collectively over the world: call it where all ranks are
-    together (the trainer's set-up, a model provider) before a stage decomposes on its own."""
+    """The process group of every rank on this pipeline stage (its TP x DP ranks): megatron-core's
+    tensor-and-data-parallel group. None at PP = 1, where the stage is the world."""
     if groups.pp_size == 1 or not dist.is_initialized():
         return None
-    key = (id(dist.group.WORLD), groups.pp_rank, groups.pp_size)
-    if key not in _STAGE_GROUPS:
-        stage_of = [None] * dist.get_world_size()
-        dist.all_gather_object(stage_of, groups.pp_rank)
-        stages = [[r for r, s in enumerate(stage_of) if s == p] for p in range(groups.pp_size)]
-        _STAGE_GROUPS.clear()
-        _STAGE_GROUPS[key], _ = dist.new_subgroups_by_enumeration(stages)
-    return _STAGE_GROUPS[key]
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_and_data_parallel_group()
 
 
 def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, oversampling: int,

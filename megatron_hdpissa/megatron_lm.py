@@ -126,7 +126,6 @@ from torch import nn
 from .apply import apply_hd_pissa, decompose_hd_pissa, iter_adapters
 from .arguments import add_hd_pissa_args, hd_pissa_config
 from .config import HDPiSSAConfig
-from .decomposition import stage_group
 from .distributed import ParallelGroups
 
 ATTACHED, DECOMPOSED, RESTORED = "attached", "decomposed", "restored"
@@ -213,10 +212,9 @@ def prepare_hd_pissa_model(model: nn.Module, config: HDPiSSAConfig,
     if config.virtual_ranks != 1:
         raise ValueError("--hd-pissa-virtual-ranks must be 1 under Megatron-LM (its training loop "
                          "feeds every micro-batch to one slice); use megatron_hdpissa.finetune")
+    # Pipeline stages decompose at their own first forward, each over its own stage's ranks
+    # (megatron-core's tensor-and-data-parallel group).
     apply_hd_pissa(model, config, groups, progress=False, decompose=False)
-    # Pipeline stages decompose at their own first forward, at different times: the group of
-    # each stage's ranks is created now, while every rank is in the model provider.
-    stage_group(model.hd_pissa_groups)
     hidden = [p for p in model.parameters() if p.requires_grad]
     for p in hidden:
         p.allreduce = False  # never data-parallel reduced by DDP (see the module docstring)
