@@ -122,18 +122,22 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-def _patch_optimizer_modules() -> None:
+def _give_modules_torch(proxy: types.ModuleType, names: tuple[str, ...]) -> None:
+    """Replace `torch` inside each named megatron-core module (where it is torch itself)."""
     import importlib
 
-    proxy = _CpuTorch()
-    for name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
-                 "megatron.core.optimizer.grad_scaler", "megatron.core.utils"):
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ImportError:  # pragma: no cover - layout of another megatron-core release
             continue
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
+
+
+def _patch_optimizer_modules() -> None:
+    _give_modules_torch(_CpuTorch(), ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+                                      "megatron.core.optimizer.grad_scaler", "megatron.core.utils"))
 
 
 # ---- pipeline parallelism: megatron-core's schedules and p2p communication on CPU -------------
@@ -156,18 +160,10 @@ def _patch_pipeline_modules() -> None:
     """The schedules allocate their token counters with `device="cuda"` and p2p calls
     `torch.cuda.synchronize()`; a GPTModel stage that holds the tied output layer moves it with
     `weight.data.cuda()` before all-reducing it with the first stage (at PP > 1)."""
-    import importlib
-
     proxy = _CpuTorch()
     proxy.cuda = _CpuCuda()
-    for name in ("megatron.core.pipeline_parallel.schedules",
-                 "megatron.core.pipeline_parallel.p2p_communication"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # pragma: no cover - layout of another megatron-core release
-            continue
-        if getattr(module, "torch", None) is torch:
-            module.torch = proxy
+    _give_modules_torch(proxy, ("megatron.core.pipeline_parallel.schedules",
+                                "megatron.core.pipeline_parallel.p2p_communication"))
     try:
         from megatron.core.models.common.language_module.language_module import LanguageModule
     except ImportError:  # pragma: no cover
