@@ -392,6 +392,13 @@ def machine() -> dict:
         info["cpu"] = platform.machine()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    try:  # --reuse keys runs on their commands, not on the code: record which code ran
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "megatron_hdpissa"], cwd=ROOT, capture_output=True,
+                               text=True)
+        info["commit"] = head.stdout.strip() + (" (trainer modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
     return info
 
 
