@@ -54,7 +54,7 @@ echo "LLaMA-3.1-8B: TP=$TP x DP=$DP on $GPUS GPUs, K = DP x VIRTUAL_RANKS = $((D
 # 1. Convert once: TP shards in Megatron's legacy layout (bf16), the tokenizer alongside.
 if [[ -n ${DRY_RUN:-} || ! -f "$CKPT/latest_checkpointed_iteration.txt" ]]; then
   run "$PYTHON" tools/convert_hf_to_megatron.py --hf-dir "$HF_DIR" --save "$CKPT" \
-      --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size 1 --dtype bf16
+      --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size 1 --dtype bf16 --ckpt-format torch
 fi
 
 # 2. Fine-tune.
