@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -129,27 +128,18 @@ def parse_args(argv=None):
 
 
 def machine_info(args) -> dict:
+    """bench_step's machine record, for CPU ranks with `--threads` threads each."""
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
     import torch
+    import bench_step
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        import megatron.core as mcore
-
-        mcore_version = getattr(mcore, "__version__", "?")
-    except Exception:  # noqa: BLE001
-        mcore_version = "not importable"
-    return {
-        "cpu": cpu, "logical_cores": os.cpu_count(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_avg_1m": round(os.getloadavg()[0], 2), "threads_per_rank": args.threads,
-        "torch": torch.__version__, "megatron_core": mcore_version, "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = bench_step.machine_info(argparse.Namespace(threads=args.threads, device=device, dtype="fp32"))
+    info["threads_per_rank"] = info.pop("torch_threads")
+    info["load_avg_1m"] = round(info["load_avg_1m"], 2)
+    return info
 
 
 def trainer_has_padding_flags() -> bool:

@@ -31,17 +31,22 @@ def _batches(order: list[int], size: int):
         yield order[start:start + size]
 
 
-def sft_losses(model, dataset: SFTDataset, batch_size: int = 8) -> tuple[list[float], list[float]]:
-    """Per example: (sum of token losses over the loss mask, number of loss tokens), built with
-    the trainer's `SFTDataset.build_row`, so the mean equals the trainer's held-out loss."""
-    sums, counts = [0.0] * len(dataset), [0.0] * len(dataset)
+def _example_batches(dataset: SFTDataset, batch_size: int):
+    """(indices, tokens, labels, loss mask, lengths) per batch of examples of similar length,
+    each row built by the trainer's `SFTDataset.build_row` and padded to the batch's longest."""
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].ids))
     for group in _batches(order, batch_size):
         lengths = [len(dataset.examples[i].ids) - 1 for i in group]
         rows = [dataset.build_row([i], max(lengths)) for i in group]
-        tokens = torch.stack([r["tokens"] for r in rows])
-        labels = torch.stack([r["labels"] for r in rows])
-        mask = torch.stack([r["loss_mask"] for r in rows])
+        yield (group, torch.stack([r["tokens"] for r in rows]), torch.stack([r["labels"] for r in rows]),
+               torch.stack([r["loss_mask"] for r in rows]), lengths)
+
+
+def sft_losses(model, dataset: SFTDataset, batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """Per example: (sum of token losses over the loss mask, number of loss tokens), built with
+    the trainer's `SFTDataset.build_row`, so the mean equals the trainer's held-out loss."""
+    sums, counts = [0.0] * len(dataset), [0.0] * len(dataset)
+    for group, tokens, labels, mask, lengths in _example_batches(dataset, batch_size):
         per_token, _ = _token_losses(model, tokens, labels, lengths)
         for j, i in enumerate(group):
             sums[i] = float((per_token[j] * mask[j]).sum())
@@ -65,13 +70,8 @@ def recall_flags(model, dataset: SFTDataset, batch_size: int = 64) -> list[bool]
     EOS after them, checked teacher-forced (every supervised position's argmax is its label,
     which is the same as greedy decoding producing exactly those tokens)."""
     flags = [False] * len(dataset)
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i].ids))
-    for group in _batches(order, batch_size):
-        lengths = [len(dataset.examples[i].ids) - 1 for i in group]
-        rows = [dataset.build_row([i], max(lengths)) for i in group]
-        tokens = torch.stack([r["tokens"] for r in rows])
-        labels = torch.stack([r["labels"] for r in rows])
-        mask = torch.stack([r["loss_mask"] for r in rows]).bool()
+    for group, tokens, labels, mask, lengths in _example_batches(dataset, batch_size):
+        mask = mask.bool()
         _, logits = _token_losses(model, tokens, labels, lengths)
         right = (logits.argmax(dim=-1) == labels) | ~mask
         for j, i in enumerate(group):

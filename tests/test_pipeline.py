@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
+from tests.test_finetune import _expect_error, _main
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,6 @@ def _argv(m, run: str, **over):
         if v is not False:
             out += [k] + ([] if v is None else [str(v)])
     return out
-
-
-def _main(argv):
-    from megatron_hdpissa import finetune
-
-    torch.set_num_threads(1)
-    return finetune.main(argv)
 
 
 def _losses(m, run):
@@ -184,14 +178,6 @@ def test_pp_must_divide_layers(tiny):
     # checked before any process group is created
     msg = _expect_error(_argv(tiny, "bad", **{"--pipeline-model-parallel-size": 3}))
     assert "--pipeline-model-parallel-size 3 does not divide the 2 layers" in msg, msg
-
-
-def _expect_error(argv):
-    try:
-        _main(argv)
-    except Exception as e:  # noqa: BLE001 - the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def test_sequence_parallel_and_recompute_flags_reach_the_model(tiny):
