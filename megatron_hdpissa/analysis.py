@@ -137,7 +137,9 @@ def open_checkpoint(path, merge_adapters: bool = True) -> Checkpoint:
     info = read_checkpoint_info(path)
     config = ModelConfig.load(path)
     # pp_size=1: each TP rank's stages merged into the whole model, layers numbered globally
-    shards = [dict(load_megatron_state_dict(path, r, info.tp_size, pp_size=1)) for r in range(info.tp_size)]
+    # (torch_dist: the whole model as one TP=1 shard)
+    tp_shards = 1 if info.ckpt_format == "torch_dist" else info.tp_size
+    shards = [dict(load_megatron_state_dict(path, r, tp_shards, pp_size=1)) for r in range(tp_shards)]
     parallel = f"TP={info.tp_size}" + (f", PP={info.pp_size}" if info.pp_size > 1 else "")
     ckpt = Checkpoint(path, "megatron", config.num_layers, f"Megatron checkpoint ({parallel}, "
                       f"iteration {info.iteration})", _shards=shards, _config=config,
@@ -179,6 +181,8 @@ def _adapter_state(path: Path, iteration, config, tp_rank: int, tp_size: int, pp
     from .distributed import ParallelGroups
 
     iter_dir = path / iteration_dir_name(iteration)
+    if (iter_dir / "metadata.json").is_file():  # torch_dist: whole factors, TP=1
+        return _dist_adapter_state(iter_dir), str(iter_dir)
     stages, files = [], []
     for p in range(pp_size):
         groups = ParallelGroups(None, None, tp_rank=tp_rank, tp_size=tp_size, dp_rank=0, dp_size=1,
@@ -196,6 +200,19 @@ def _adapter_state(path: Path, iteration, config, tp_rank: int, tp_size: int, pp
         stages.append(torch.load(file, map_location="cpu", weights_only=True)["adapter"])
         files.append(file)
     return merge_pipeline_stages(stages, config), ", ".join(str(f) for f in files)
+
+
+def _dist_adapter_state(iter_dir: Path) -> dict:
+    """The LoRA / PiSSA factors of a torch_dist training checkpoint (`lora.<layer>.<a|b>.<part>`,
+    one slice, whole shapes; see training_state_dist.py) keyed as the legacy adapter files key them."""
+    from .dist_checkpoint import read_dcp_metadata, read_global_tensors
+
+    keys = [k for k in read_dcp_metadata(iter_dir).state_dict_metadata if k.startswith("lora.")]
+    out = {}
+    for key, value in read_global_tensors(iter_dir, keys).items():
+        layer, which, part = key[len("lora."):].rsplit(".", 2)
+        out[f"{layer}.lora.{which}.{part}"] = value[0]
+    return out
 
 
 def merge_lowrank_factors(shards: list, config, path: Path, iteration, meta: dict, pp_size: int = 1) -> int:

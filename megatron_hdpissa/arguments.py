@@ -59,9 +59,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch",
-                   help="training checkpoint format (Megatron-LM's names). torch: legacy per-rank "
-                        "mp_rank_XX files, resumed at the same layout (default). torch_dist: not "
-                        "implemented in the trainer yet (refused)")
+                   help="training checkpoint format (Megatron-LM's names). torch_dist: megatron-core "
+                        "dist_checkpointing, resumes at any TP / PP with the same K = DP x virtual ranks. "
+                        "torch: legacy per-rank mp_rank_XX files, resumes at the same layout only")
     g.add_argument("--exit-interval", type=int, default=0, help="exit after this many iterations")
     g.add_argument("--export-hf", default=None, help="write the merged model here (HF safetensors)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -154,11 +154,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give exactly one of --train-iters and --epochs")
     if not args.pretrained_checkpoint and not args.load:
         parser.error("give --pretrained-checkpoint (a converted base) or --load")
-    if args.ckpt_format == "torch_dist":
-        parser.error("--ckpt-format torch_dist is not implemented in the trainer yet (HD-PiSSA's factors, "
-                     "moments and masters are not yet saved as sharded tensors, so such a checkpoint could "
-                     "not be resumed); use --ckpt-format torch (the default), which resumes at the layout "
-                     "it was saved with")
     if args.peft != "hd-pissa" and args.hd_pissa_virtual_ranks != 1:
         parser.error("--hd-pissa-virtual-ranks only applies to --peft hd-pissa")
     return args

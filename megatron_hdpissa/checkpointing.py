@@ -108,13 +108,8 @@ def save_checkpoint(save_dir, iteration: int, model: nn.Module, rank_state: dict
     torch.save({"adapter": adapter, **rank_state}, rank_file(tmp, groups))
     _barrier()
     if _world_rank() == 0:
-        (tmp / "hd_pissa" / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if base_dir is not None:
-            base_dir = Path(base_dir)
-            if not (save_dir / MODEL_CONFIG_FILE).exists():
-                shutil.copy2(base_dir / MODEL_CONFIG_FILE, save_dir / MODEL_CONFIG_FILE)
-            if (base_dir / TOKENIZER_DIR).is_dir() and not (save_dir / TOKENIZER_DIR).exists():
-                shutil.copytree(base_dir / TOKENIZER_DIR, save_dir / TOKENIZER_DIR)
+        write_meta(tmp, meta)
+        copy_base_files(save_dir, base_dir)
         if final.exists():  # re-saving the same iteration: keep the old one until the swap
             old = save_dir / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -128,6 +123,34 @@ def save_checkpoint(save_dir, iteration: int, model: nn.Module, rank_state: dict
         os.replace(tracker_tmp, save_dir / TRACKER_FILE)
     _barrier()
     return final
+
+
+def write_meta(iter_dir: Path, meta: dict) -> None:
+    (Path(iter_dir) / "hd_pissa").mkdir(parents=True, exist_ok=True)
+    (Path(iter_dir) / "hd_pissa" / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def copy_base_files(save_dir: Path, base_dir: Optional[str]) -> None:
+    """model_config.json and tokenizer/ of the base next to the run's iterations (once)."""
+    if base_dir is None:
+        return
+    base_dir = Path(base_dir)
+    if not (save_dir / MODEL_CONFIG_FILE).exists():
+        shutil.copy2(base_dir / MODEL_CONFIG_FILE, save_dir / MODEL_CONFIG_FILE)
+    if (base_dir / TOKENIZER_DIR).is_dir() and not (save_dir / TOKENIZER_DIR).exists():
+        shutil.copytree(base_dir / TOKENIZER_DIR, save_dir / TOKENIZER_DIR)
+
+
+def save_dist_training_checkpoint(save_dir, meta: dict, save_fn, base_dir: Optional[str] = None) -> Path:
+    """The torch_dist layout of a training checkpoint: megatron-core's files in iter_X/, plus
+    iter_X/hd_pissa/meta.json and the base's config and tokenizer. `save_fn(write_rank0_files)`
+    does the collective save (training_state_dist.save); rank 0 writes the meta into the
+    temporary folder before its rename, so the tracker still marks only complete checkpoints."""
+    save_dir = Path(save_dir)
+    if _world_rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        copy_base_files(save_dir, base_dir)
+    return save_fn(lambda tmp_iter_dir: write_meta(tmp_iter_dir, meta))
 
 
 def latest_iteration(load_dir) -> Optional[int]:

@@ -181,6 +181,15 @@ class FinetuneRecipe:
                      "args": {k: v for k, v in vars(args).items()}}
         if not self.resuming:
             return
+        from .conversion import checkpoint_format, read_checkpoint_info
+
+        if checkpoint_format(args.load) == "torch_dist":  # any TP / PP, the same K
+            from . import training_state_dist
+
+            training_state_dist.check_compatible(checkpointing.read_meta(args.load), self.meta, args.load)
+            note = training_state_dist.load(self, read_checkpoint_info(args.load).iter_dir)
+            self.log(f"resumed at iteration {self.iteration} from {args.load} (torch_dist; {note})")
+            return
         checkpointing.check_resume_compatible(checkpointing.read_meta(args.load), self.meta, args.load)
         state = checkpointing.load_rank_state(args.load, g)
         checkpointing.load_adapter_params(self.model, state["adapter"], args.load)
@@ -223,6 +232,14 @@ class FinetuneRecipe:
                                          self.args.micro_batch_size, self.groups, self.device)
 
     def save(self) -> None:
+        if self.args.ckpt_format == "torch_dist":
+            from . import training_state_dist
+
+            path = checkpointing.save_dist_training_checkpoint(
+                self.args.save, self.meta, lambda write: training_state_dist.save(self, self.args.save, write),
+                base_dir=str(self.base_dir))
+            self.log(f"saved checkpoint {path} (torch_dist)")
+            return
         rank_state = {"optimizer": self.optimizer.state_dict(), "data": [i.state_dict() for i in self.iterators],
                       "rng": checkpointing.rng_state(), "iteration": self.iteration}
         path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, rank_state, self.meta,

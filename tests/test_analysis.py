@@ -220,7 +220,8 @@ def _finetune(argv):
     return finetune.main(argv)
 
 
-def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, gsm8k_path):
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, gsm8k_path, ckpt_format):
     """A tiny LLaMA with SmolLM2's tokenizer, 2 LoRA steps: the analysis of the training
     checkpoint (factors merged) equals that of the trainer's merged export, rank r everywhere."""
     from transformers import LlamaConfig
@@ -237,14 +238,15 @@ def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, g
     for f in Path(smollm2_hf_dir).iterdir():
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy2(f, hf / f.name)
-    base = convert_hf_to_megatron(hf, tmp_path / "base", tp_size=1, progress=False)
+    base = convert_hf_to_megatron(hf, tmp_path / "base", progress=False, ckpt_format="torch_dist")
     train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
     write_jsonl(train[:4], str(tmp_path / "train.jsonl"))
     argv = ["--pretrained-checkpoint", str(base), "--data-path", str(tmp_path / "train.jsonl"),
             "--peft", "lora", "--hd-pissa-rank", "2", "--hd-pissa-alpha", "8", "--micro-batch-size", "1",
             "--global-batch-size", "2", "--seq-length", "160", "--train-iters", "2", "--lr", "1e-2",
-            "--save", str(tmp_path / "run"), "--export-hf", str(tmp_path / "export"), "--no-progress"]
-    run_distributed(_finetune, 1, 1, args=(argv,))
+            "--save", str(tmp_path / "run"), "--export-hf", str(tmp_path / "export"), "--no-progress",
+            "--ckpt-format", ckpt_format, "--tensor-model-parallel-size", "2"]
+    run_distributed(_finetune, 2, 2, args=(argv,))
     summary, results = analysis.analyse(hf, {"export": tmp_path / "export", "ckpt": tmp_path / "run"},
                                         reference="export")
     assert set(_ranks(summary, "export").values()) == {2}

@@ -101,9 +101,13 @@ def test_finetune_lowers_heldout_loss_and_export_matches(material):
 NORMS = {"--hd-pissa-trainable-modules": "re:.*layernorm.*"}  # stepped by megatron-core's optimizer
 
 
-# DP=2; and PP=2 x DP=1 with two virtual ranks (K = 2 either way), one layer per stage
-LAYOUTS = {"dp2": ({}, 1), "pp2": ({"--pipeline-model-parallel-size": 2, "--hd-pissa-virtual-ranks": 2,
-                                    "--global-batch-size": 4}, 2)}
+# DP=2; and PP=2 x DP=1 with two virtual ranks (K = 2 either way), one layer per stage; both
+# checkpoint formats (torch_dist: the norms' moments through megatron-core's optimizer's own
+# sharded_state_dict)
+LAYOUTS = {"dp2": ({"--ckpt-format": "torch"}, 1),
+           "pp2": ({"--pipeline-model-parallel-size": 2, "--hd-pissa-virtual-ranks": 2,
+                    "--global-batch-size": 4, "--ckpt-format": "torch"}, 2),
+           "dp2-torch_dist": ({"--ckpt-format": "torch_dist"}, 1)}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -141,6 +145,14 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
     r = run_distributed(_main, 2, 1, pp=pp, args=(common_args(material, **{
         "--train-iters": 6, "--save": killed, "--load": killed, **NORMS, **flags}),))[0]
     assert r["start"] == saved_at
+    if flags["--ckpt-format"] == "torch_dist":  # every saved tensor: weights, factors, moments
+        from megatron_hdpissa.dist_checkpoint import read_global_tensors
+
+        sa, sb = read_global_tensors(full / "iter_0000006"), read_global_tensors(killed / "iter_0000006")
+        assert set(sa) == set(sb) and any(k.startswith("optimizer.state.exp_avg_sq.") for k in sa), sorted(sa)[:5]
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+        return
     a, b, a0 = _weights(full, 6, pp), _weights(killed, 6, pp), _weights(material["base"], 0)
     norms = [k for k in a if "layernorm" in k or "layer_norm" in k]
     assert norms and any(not torch.equal(a[k], a0[k]) for k in norms), "the norms were trained"
