@@ -58,10 +58,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    "(if it holds one); otherwise it is used as the base checkpoint")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=0)
-    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch",
+    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
                    help="training checkpoint format (Megatron-LM's names). torch_dist: megatron-core "
                         "dist_checkpointing, resumes at any TP / PP with the same K = DP x virtual ranks. "
                         "torch: legacy per-rank mp_rank_XX files, resumes at the same layout only")
+    g.add_argument("--async-save", action="store_true",
+                   help="Megatron-LM's asynchronous torch_dist save: refused here (see dist_checkpoint.py)")
     g.add_argument("--exit-interval", type=int, default=0, help="exit after this many iterations")
     g.add_argument("--export-hf", default=None, help="write the merged model here (HF safetensors)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -154,6 +156,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give exactly one of --train-iters and --epochs")
     if not args.pretrained_checkpoint and not args.load:
         parser.error("give --pretrained-checkpoint (a converted base) or --load")
+    if args.async_save:
+        parser.error("--async-save is not supported: megatron-core's asynchronous torch_dist writer starts a "
+                     "spawn-context Manager and forks writer processes, which hangs under launchers that set up "
+                     "the process group on import (see megatron_hdpissa/dist_checkpoint.py); checkpoints are "
+                     "written synchronously, atomically")
     if args.peft != "hd-pissa" and args.hd_pissa_virtual_ranks != 1:
         parser.error("--hd-pissa-virtual-ranks only applies to --peft hd-pissa")
     return args

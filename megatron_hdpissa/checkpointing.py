@@ -1,5 +1,7 @@
-"""Atomic training checkpoints in the legacy Megatron layout, plus each (DP, TP, PP) rank's
-adapter state: resuming reproduces the uninterrupted run exactly on CPU.
+"""Atomic training checkpoints in the legacy Megatron layout (`--ckpt-format torch`), plus each
+(DP, TP, PP) rank's adapter state: resuming reproduces the uninterrupted run exactly on CPU, at
+the same layout. (`--ckpt-format torch_dist`, the default, resumes at any TP / PP: its state is
+in `training_state_dist.py`; `save_dist_training_checkpoint` below adds the meta and base files.)
 
     SAVE/latest_checkpointed_iteration.txt         written last: marks the newest complete one
     SAVE/model_config.json, SAVE/tokenizer/        copied from the base checkpoint

@@ -37,6 +37,7 @@ def common_args(m, **over):
         "--pretrained-checkpoint": m["base"], "--data-path": m["train"], "--valid-data-path": m["heldout"],
         "--micro-batch-size": 2, "--global-batch-size": 8, "--seq-length": 96, "--lr": 3e-4,
         "--lr-decay-style": "constant", "--hd-pissa-rank": 8, "--no-progress": None, "--seed": 7,
+        "--ckpt-format": "torch",  # these tests read the legacy files (torch_dist: test_resume_dist.py)
     }
     args.update(over)
     out = []

@@ -43,7 +43,8 @@ def _argv(m, run: str, **over):
     args = {"--pretrained-checkpoint": m["base"], "--data-path": m["train"], "--valid-data-path": m["heldout"],
             "--micro-batch-size": 2, "--global-batch-size": 8, "--seq-length": 128, "--lr": 1e-2,
             "--lr-decay-style": "constant", "--hd-pissa-rank": 4, "--no-progress": None, "--seed": 3,
-            "--train-iters": 3, "--save": m["root"] / run, "--log-json": m["root"] / f"{run}.jsonl"}
+            "--train-iters": 3, "--save": m["root"] / run, "--log-json": m["root"] / f"{run}.jsonl",
+            "--ckpt-format": "torch"}  # _merged_weights reads the legacy stage files
     args.update(over)
     out = []
     for k, v in args.items():

@@ -204,3 +204,38 @@ def test_another_k_is_refused(m, half_tp2):
     argv = _argv(m, "k_refused", "dp2", **{"--load": half_tp2, "--save": False})
     msg = run_distributed(_expect_error, 1, 1, args=(argv,))[0]
     assert "K = 2 slices" in msg and "this run has K = 1" in msg and "--hd-pissa-virtual-ranks" in msg, msg
+
+
+def _main_crashing_in_second_save(argv):
+    """The trainer with megatron-core's save failing the second time (a full disk mid-save)."""
+    from megatron.core import dist_checkpointing
+
+    real, calls = dist_checkpointing.save, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    dist_checkpointing.save = crash
+    return _expect_error(argv)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(m):
+    """Saves every iteration; the save of iteration 2 dies: iteration 1 stays the tracked
+    checkpoint, the half-written folder is not taken for one, and resuming from it finishes
+    exactly as the uninterrupted run."""
+    flags = {"--train-iters": 3, "--save-interval": 1}
+    msg = run_distributed(_main_crashing_in_second_save, 1, 1, args=(_argv(m, "crashed", "single", **flags),))[0]
+    assert "disk full (simulated)" in msg, msg
+    run = m["root"] / "crashed"
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert not (run / "iter_0000002").exists() and (run / "iter_0000002.tmp").is_dir()
+    r = _run(m, "crashed", "single", **flags, **{"--load": run})
+    assert r["start"] == 1
+    _run(m, "crash_ref", "single", **{"--train-iters": 3})
+    want, got = _saved(m, "crash_ref"), _saved(m, "crashed")
+    assert set(want) == set(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k

@@ -1,6 +1,5 @@
-"""--ckpt-format in the trainer: torch (legacy) is the default; torch_dist is not implemented in
-the trainer yet and is refused up front with a message that says so (rather than writing a
-checkpoint that could not be resumed)."""
+"""--ckpt-format in the trainer: torch_dist (megatron-core dist_checkpointing) is the default, as in
+Megatron-LM; torch (legacy per-rank files) stays available; --async-save is refused with the reason."""
 from __future__ import annotations
 
 import pytest
@@ -10,14 +9,13 @@ from megatron_hdpissa.arguments import parse_args
 BASE = ["--pretrained-checkpoint", "ckpt", "--data-path", "train.jsonl", "--train-iters", "1"]
 
 
-def test_default_ckpt_format_is_torch():
-    assert parse_args(BASE).ckpt_format == "torch"
+def test_default_ckpt_format_is_torch_dist():
+    assert parse_args(BASE).ckpt_format == "torch_dist"
     assert parse_args(BASE + ["--ckpt-format", "torch"]).ckpt_format == "torch"
 
 
-def test_torch_dist_is_refused_clearly(capsys):
+def test_async_save_is_refused_clearly(capsys):
     with pytest.raises(SystemExit):
-        parse_args(BASE + ["--ckpt-format", "torch_dist"])
+        parse_args(BASE + ["--async-save"])
     err = capsys.readouterr().err
-    assert "--ckpt-format torch_dist is not implemented in the trainer yet" in err
-    assert "use --ckpt-format torch" in err
+    assert "--async-save is not supported" in err and "synchronously" in err
