@@ -258,6 +258,7 @@ def convert_megatron_to_hf(
         shards = merge_pipeline_shards(
             {(t, p): load_megatron_state_dict(info.directory, t, info.tp_size, pp_rank=p)
              for t in range(info.tp_size) for p in range(info.pp_size)}, config)
+    _merge_training_adapters(shards, config, info)
     out_dtype = dtype or shards[0]["embedding.word_embeddings.weight"].dtype
 
     names = _hf_names(config)
@@ -298,6 +299,20 @@ def convert_megatron_to_hf(
         if tokenizer_dir.is_dir():
             _copy_non_weight_files(tokenizer_dir, tmp)
     return Path(save_dir)
+
+
+def _merge_training_adapters(shards: list, config, info) -> int:
+    """A LoRA / PiSSA training checkpoint keeps the base (W_res for PiSSA) and the factors apart:
+    add `s B A` into the shards (both formats), so the export is the fine-tuned model. HD-PiSSA
+    checkpoints hold the merged W already."""
+    from . import analysis, checkpointing
+
+    if not checkpointing.is_training_checkpoint(info.directory):
+        return 0
+    meta = checkpointing.read_meta(info.directory)
+    if meta.get("peft") not in ("lora", "pissa"):
+        return 0
+    return analysis.merge_lowrank_factors(shards, config, info.directory, info.iteration, meta, pp_size=info.pp_size)
 
 
 __all__ = [

@@ -253,6 +253,16 @@ def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, g
     assert _ranks(summary, "ckpt") == _ranks(summary, "export")
     for a, b in zip(results["export"], results["ckpt"]):
         assert torch.allclose(a.sigma, b.sigma, rtol=0, atol=1e-6 * float(a.sigma[0])), a.name
+    # the converter merges the factors too (it used to export W without them)
+    from safetensors.torch import load_file
+
+    from megatron_hdpissa.conversion import convert_megatron_to_hf
+
+    convert_megatron_to_hf(tmp_path / "run", tmp_path / "converted", progress=False)
+    want, got = load_file(tmp_path / "export" / "model.safetensors"), load_file(tmp_path / "converted" / "model.safetensors")
+    assert set(want) == set(got)
+    for name, w in want.items():
+        assert torch.allclose(got[name], w, rtol=0, atol=1e-6 * float(w.abs().max())), name
 
 
 # ---- the command-line tools --------------------------------------------------------------------
