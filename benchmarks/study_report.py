@@ -238,6 +238,9 @@ def _p(p: dict | None) -> str:
     return f"{p['k']}/{p['n']} = {100 * p['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+READING = Path(__file__).resolve().parent / "study" / "reading.md"  # the human reading, kept across re-runs
+
+
 def markdown(study: dict) -> str:
     a, args = study["analysis"], study["args"]
     per, base = a["per_method"], a["base"]
@@ -249,8 +252,9 @@ def markdown(study: dict) -> str:
         "",
         "## Honest reading",
         "",
-        "_To be written by the session that ran the study, from the numbers below: where HD-PiSSA helps, "
-        "where it does not, and what a 135M model at this budget cannot tell us._",
+        *(READING.read_text().strip().splitlines() if READING.is_file() else [
+            "_To be written in `benchmarks/study/reading.md` by whoever ran the study, from the numbers below: "
+            "where HD-PiSSA helps, where it does not, and what a 135M model at this budget cannot tell us._"]),
         "",
         "Automatic flags (observations the reading must address; not conclusions):",
         "",

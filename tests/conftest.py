@@ -41,6 +41,22 @@ def _save_random_hf_model(config, path, seed: int):
     return path
 
 
+def tiny_llama_with_smollm2_tokenizer(path, smollm2_hf_dir, seed: int, **config):
+    """A random LLaMA HF folder of SmolLM2's vocabulary (49152) with SmolLM2's tokenizer files, so
+    the trainer runs it on real text. `config`: LlamaConfig fields (hidden_size, heads, ...)."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=256, architectures=["LlamaForCausalLM"], **config)
+    hf = _save_random_hf_model(config, path, seed=seed)
+    for f in Path(smollm2_hf_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy2(f, Path(hf) / f.name)
+    return Path(hf)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_hf_dir(tmp_path_factory):
     """LLaMA, 8 heads / 4 KV groups (GQA), untied embeddings, non-default RoPE theta."""

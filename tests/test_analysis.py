@@ -224,20 +224,14 @@ def _finetune(argv):
 def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, gsm8k_path, ckpt_format):
     """A tiny LLaMA with SmolLM2's tokenizer, 2 LoRA steps: the analysis of the training
     checkpoint (factors merged) equals that of the trainer's merged export, rank r everywhere."""
-    from transformers import LlamaConfig
-
     from megatron_hdpissa.conversion import convert_hf_to_megatron
     from megatron_hdpissa.data import split_gsm8k, write_jsonl
-    from tests.conftest import _save_random_hf_model
+    from tests.conftest import tiny_llama_with_smollm2_tokenizer
     from tests.dist_utils import run_distributed
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
-    hf = _save_random_hf_model(config, tmp_path / "hf", seed=5)
-    for f in Path(smollm2_hf_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy2(f, hf / f.name)
+    hf = tiny_llama_with_smollm2_tokenizer(
+        tmp_path / "hf", smollm2_hf_dir, seed=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     base = convert_hf_to_megatron(hf, tmp_path / "base", progress=False, ckpt_format="torch_dist")
     train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
     write_jsonl(train[:4], str(tmp_path / "train.jsonl"))

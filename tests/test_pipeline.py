@@ -5,7 +5,6 @@ PP=2 run is the trained model in transformers, and bad PP input fails naming the
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,14 @@ from tests.test_finetune import _expect_error, _main
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from transformers import LlamaConfig
-
     from megatron_hdpissa.conversion import convert_hf_to_megatron
     from megatron_hdpissa.data import split_gsm8k, write_jsonl
-    from tests.conftest import _save_random_hf_model
+    from tests.conftest import tiny_llama_with_smollm2_tokenizer
 
     root = tmp_path_factory.mktemp("pp")
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.05, architectures=["LlamaForCausalLM"])
-    hf = _save_random_hf_model(config, root / "hf", seed=11)
-    for f in Path(smollm2_hf_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy2(f, hf / f.name)
+    hf = tiny_llama_with_smollm2_tokenizer(
+        root / "hf", smollm2_hf_dir, seed=11, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.05)
     base = convert_hf_to_megatron(hf, root / "base", tp_size=1, progress=False)
     base_tp2 = convert_hf_to_megatron(hf, root / "base_tp2", tp_size=2, progress=False)
     train, heldout = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)

@@ -29,20 +29,14 @@ ITERS = 4
 
 @pytest.fixture(scope="module")
 def m(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from transformers import LlamaConfig
-
     from megatron_hdpissa.conversion import convert_hf_to_megatron
     from megatron_hdpissa.data import split_gsm8k, write_jsonl
-    from tests.conftest import _save_random_hf_model
+    from tests.conftest import tiny_llama_with_smollm2_tokenizer
 
     root = tmp_path_factory.mktemp("resume_dist")
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=False, initializer_range=0.05, architectures=["LlamaForCausalLM"])
-    hf = _save_random_hf_model(config, root / "hf", seed=21)
-    for f in Path(smollm2_hf_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy2(f, hf / f.name)
+    hf = tiny_llama_with_smollm2_tokenizer(
+        root / "hf", smollm2_hf_dir, seed=21, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False, initializer_range=0.05)
     base = convert_hf_to_megatron(hf, root / "base", progress=False, ckpt_format="torch_dist")
     train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
     write_jsonl(train[:64], str(root / "train.jsonl"))
