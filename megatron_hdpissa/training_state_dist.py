@@ -264,6 +264,12 @@ def check_compatible(saved: dict, expected: dict, load_dir) -> None:
                              f"run has {expected.get(key)}")
     k_saved = saved["dp_size"] * saved.get("virtual_ranks", 1)
     k_now = expected["dp_size"] * expected.get("virtual_ranks", 1)
+    if k_saved != k_now and saved.get("peft") != "hd-pissa":
+        raise ValueError(
+            f"cannot resume from {load_dir}: it was saved with data-parallel size {saved['dp_size']}, this run "
+            f"has {expected['dp_size']}. Each data-parallel rank reads its own shard of every epoch, so another "
+            f"size would change the batch order: resume with {saved['dp_size']} data-parallel ranks (world size / "
+            "(TP x PP); TP and PP may change), or start a new run from this checkpoint's merged weights")
     if k_saved != k_now:
         raise ValueError(
             f"cannot resume from {load_dir}: it holds K = {k_saved} slices (data-parallel size "

@@ -173,6 +173,10 @@ def test_baselines_resume_at_another_tp(m, peft):
     _run(m, f"{peft}_half", "tp2v1", **flags, **{"--exit-interval": ITERS // 2})
     _run(m, f"{peft}_half", "single", **flags, **{"--load": m["root"] / f"{peft}_half"})
     _compare(m, f"{peft}_half", _saved(m, f"{peft}_ref"), _saved(m, f"{peft}_ref_tp2"))
+    # the baselines' K is the DP size (one data shard per rank): another DP is refused
+    argv = _argv(m, "dp_refused", "dp2", **flags, **{"--load": m["root"] / f"{peft}_half", "--save": False})
+    msg = run_distributed(_expect_error, 2, 1, args=(argv,))[0]
+    assert "saved with data-parallel size 1, this run has 2" in msg, msg
 
 
 def test_sharded_fp32_masters_reshard_over_dp(m):
