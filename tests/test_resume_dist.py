@@ -131,7 +131,8 @@ def test_same_layout_resume_is_bit_exact(m, reference, half_tp2):
         assert torch.equal(full[k], resumed[k]), k
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp4"])
+# TP = 4 runs 4 processes on CI's 2 cores: marked slow (`make test-slow`), run for every change here
+@pytest.mark.parametrize("layout", ["dp2", pytest.param("tp4", marks=pytest.mark.slow)])
 def test_tp2_checkpoint_resumes_at_another_tp(m, reference, half_tp2, layout):
     run = f"from_tp2_to_{layout}"
     r = _run(m, run, layout, **{"--load": _copy(m, half_tp2, run)})
@@ -163,7 +164,7 @@ def _compare(m, run, reference, other_layout=None):
           f"(uninterrupted layouts apart by up to {max(spread.values()):.2e})")
 
 
-@pytest.mark.parametrize("peft", ["lora", "full"])
+@pytest.mark.parametrize("peft", ["lora", pytest.param("full", marks=pytest.mark.slow)])
 def test_baselines_resume_at_another_tp(m, peft):
     """LoRA's factors (TP-split and TP-replicated, replicated over DP) and full fine-tuning's
     moments (sharded like each weight, the fused fc1 through megatron-core's swiglu factory)."""
