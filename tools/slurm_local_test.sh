@@ -259,6 +259,7 @@ digest() {  # digest OUT: SHA-256 of every tensor in the *.pt files under --dige
   "$PYTHON" - "${DIGEST//\{out\}/$1}" "$1/checkpoint_digest.json" <<'EOF'
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -266,8 +267,10 @@ import torch
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 # Python's own `random` state is seeded from the OS at start-up and unused by training; it is
-# saved for resuming, so it differs between any two runs.
-SKIP = ("/rng/python",)
+# saved for resuming, so it differs between any two runs (legacy: /rng/python...; torch_dist:
+# /training/rng/<dp,tp,pp>/python...). The run's own arguments (its --save, --log-json paths)
+# are in a torch_dist checkpoint's common.pt and differ by construction.
+SKIP = re.compile(r"^(/rng/python|/training/rng/[^/]+/python|/training/meta/args/)")
 
 
 def leaves(obj, key=""):
@@ -285,7 +288,7 @@ def leaves(obj, key=""):
 
 
 def digest(obj):
-    return {k: v for k, v in leaves(obj) if not k.startswith(SKIP)}
+    return {k: v for k, v in leaves(obj) if not SKIP.match(k)}
 
 
 files = sorted(root.rglob("*.pt"))
@@ -295,6 +298,10 @@ tracker = root / "latest_checkpointed_iteration.txt"
 result = {"latest_checkpointed_iteration": tracker.read_text().strip() if tracker.exists() else None,
           "files": {str(f.relative_to(root)): digest(torch.load(f, map_location="cpu", weights_only=True))
                     for f in files}}
+for meta in sorted(root.glob("iter_*/metadata.json")):  # torch_dist: every sharded tensor, whole
+    from megatron_hdpissa.dist_checkpoint import read_global_tensors
+
+    result["files"][f"{meta.parent.name}/*.distcp"] = digest(read_global_tensors(meta.parent))
 out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
 print(f"{sum(len(v) for v in result['files'].values())} entries of {len(files)} files under {root}")
 EOF
