@@ -181,7 +181,9 @@ def _adapter_state(path: Path, iteration, config, tp_rank: int, tp_size: int, pp
     from .distributed import ParallelGroups
 
     iter_dir = path / iteration_dir_name(iteration)
-    if (iter_dir / "metadata.json").is_file():  # torch_dist: whole factors, TP=1
+    from .dist_checkpoint import is_dist_checkpoint_dir
+
+    if is_dist_checkpoint_dir(iter_dir):  # torch_dist: whole factors, TP=1
         return _dist_adapter_state(iter_dir), str(iter_dir)
     stages, files = [], []
     for p in range(pp_size):
