@@ -134,11 +134,9 @@ def sharded_state(recipe, loading: bool = False) -> tuple[dict, dict, list]:
     restore: list = []
     own = getattr(opt, "weight_store", None) is not None  # HDPiSSAOptimizer (int step counts)
     specs = {id(s.param): s for s in factor_specs(model)}
-    moments: dict = {}  # id(param) -> {moment: tensor to load into}
     for p in _own_optimizer_params(recipe):
         spec = specs.get(id(p))
         state = {m: torch.zeros_like(p) for m in MOMENTS} if loading else _param_state(opt, p)
-        moments[id(p)] = state
         for m in MOMENTS:
             if spec is not None:
                 key = f"optimizer.{m}.{spec.key}"
