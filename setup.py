@@ -29,7 +29,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "hdpissa-finetune=megatron_hdpissa.finetune:cli",
+            "hdpissa-finetune=megatron_hdpissa.training.finetune:cli",
         ],
     },
 )

@@ -60,8 +60,8 @@ def worker(base: str, data: str, work: str, args) -> dict:
     import torch
     import torch.distributed as dist
 
-    from megatron_hdpissa.arguments import parse_args as trainer_args
-    from megatron_hdpissa.finetune import FinetuneRecipe
+    from megatron_hdpissa.training.arguments import parse_args as trainer_args
+    from megatron_hdpissa.training.finetune import FinetuneRecipe
 
     torch.set_num_threads(1)
     work = Path(work)
@@ -91,9 +91,9 @@ def worker(base: str, data: str, work: str, args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import split_gsm8k, write_jsonl
-    from megatron_hdpissa.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
     from tests.dist_utils import run_distributed
 
     work = Path(args.work_dir or cache_dir() / "bench_checkpoint")

@@ -45,7 +45,7 @@ def parse_args(argv=None):
                         "trained weights)")
     p.add_argument("--smollm2-layer", type=int, default=0,
                    help="also decompose this decoder layer of the real SmolLM2-135M-Instruct (dequantized "
-                        "from the packaged Q4_1 GGUF; cached by megatron_hdpissa.material); -1 to skip")
+                        "from the packaged Q4_1 GGUF; cached by megatron_hdpissa.data.material); -1 to skip")
     p.add_argument("--K", type=int, default=8, help="data-parallel size (slices)")
     p.add_argument("--rank", type=int, default=16, help="per-slice rank r; K*r components are needed")
     p.add_argument("--oversampling", default="16",
@@ -88,7 +88,7 @@ def smollm2_matrices(layer: int):
     try:
         from safetensors import safe_open
 
-        from megatron_hdpissa.material import smollm2_hf_dir
+        from megatron_hdpissa.data.material import smollm2_hf_dir
 
         path = os.path.join(smollm2_hf_dir(), "model.safetensors")
         out = []
@@ -128,7 +128,7 @@ def mean_sin2(u_ref, u) -> float:
 def measure(name: str, w, args, device, sync) -> list[dict]:
     import torch
 
-    from megatron_hdpissa.decomposition import subspace_error, top_singular
+    from megatron_hdpissa.peft.decomposition import subspace_error, top_singular
 
     k, r = args.K * args.rank, args.rank
     m, n = w.shape
@@ -237,7 +237,7 @@ def main(argv=None):
     lines += [
         "",
         "- max-angle sin: largest principal-angle sine between the exact and randomized top-K*r "
-        "singular subspaces (`megatron_hdpissa.decomposition.subspace_error`, the requested metric; "
+        "singular subspaces (`megatron_hdpissa.peft.decomposition.subspace_error`, the requested metric; "
         "0 = identical, 1 = some direction orthogonal to the exact subspace). It is decided by the "
         "components next to the K*r boundary; mean sin^2 = 1 - ||U_exact^T U_rand||_F^2 / (K*r) is the "
         "average over all directions (the share of the subspace missed).",

@@ -169,7 +169,7 @@ class DistPublishedAdapter(bs.PublishedAdapter):
         super().__init__(target, rank, scale)
 
     def components(self, full, i):
-        from megatron_hdpissa.decomposition import top_singular
+        from megatron_hdpissa.peft.decomposition import top_singular
 
         if self.svd == "exact":  # the published code: torch.svd(W), all components
             u, s, v = top_singular(full, min(full.shape), "exact")
@@ -229,7 +229,7 @@ def hd_formula(model, spec, dp: int) -> tuple[dict, dict]:
     rows padded to dp x ceil(m_w / dp) rows, x n_w (fp32).
     params (all-gather input, sharded-fp32): per targeted weight, this rank's padded row block
     ceil(m_w / dp) x n_w in the weight's dtype."""
-    from megatron_hdpissa.apply import iter_adapters
+    from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
 
     out = {"deltas": 0, "dense": 0, "params": 0}
     paths = {"factors": 0, "dense": 0}
@@ -270,7 +270,8 @@ def run_worker(args) -> dict:
     import torch.distributed as dist
 
     torch.set_num_threads(args.threads)
-    from megatron_hdpissa import compat, distributed
+    from megatron_hdpissa.models import compat
+    from megatron_hdpissa.distributed import groups as distributed
 
     spec = parse_method(args.worker)
     dtype_name = args.worker_dtype
@@ -323,7 +324,7 @@ def run_worker(args) -> dict:
                        "dense": "reduce_scatter" if spec["mode"] == "sharded-fp32" and dp > 1 else "all_reduce"}
     elif kind in ("lora", "pissa"):
         from megatron_hdpissa import HDPiSSAConfig
-        from megatron_hdpissa.baselines import DataParallelAdamW, apply_lowrank
+        from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW, apply_lowrank
 
         cfg = HDPiSSAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed, svd_method=args.svd)
         apply_lowrank(model, cfg, kind, progress=False)
@@ -331,7 +332,7 @@ def run_worker(args) -> dict:
         t_apply = bs._since(t_init)
         opt = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     elif kind == "full":
-        from megatron_hdpissa.baselines import DataParallelAdamW
+        from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW
 
         bs.set_trainable(model, True)
         t_apply = bs._since(t_init)
@@ -411,7 +412,7 @@ def run_worker(args) -> dict:
         except RuntimeError as e:
             consistency = f"DIVERGED: {e}"
         if args.worker_retime:  # warm decomposition of the same matrices, both methods
-            from megatron_hdpissa.apply import decompose_hd_pissa
+            from megatron_hdpissa.peft.hd_pissa.model import decompose_hd_pissa
 
             # with --svd randomized the exact SVD (slow at large shapes) is left to bench_decompose.py
             for method in (("exact", "randomized") if args.svd == "exact" else ("randomized",)):
@@ -444,7 +445,7 @@ def run_worker(args) -> dict:
 def run_method(name: str, dtype: str, argv: list, args, retime: bool) -> dict:
     """Start `nproc` fresh processes for one method; return {"ranks": [per-rank results],
     "wall_s": ...} or the failure."""
-    from megatron_hdpissa.distributed import free_port
+    from megatron_hdpissa.distributed.groups import free_port
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:

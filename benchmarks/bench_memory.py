@@ -91,7 +91,7 @@ class _Held:
 
 
 def _model_config(shape: str, seq: int):
-    from megatron_hdpissa.models import ModelConfig
+    from megatron_hdpissa.models.config import ModelConfig
 
     fields = dict(SHAPES[shape], max_position_embeddings=max(seq, 4096), norm_epsilon=1e-5)
     fields.setdefault("tie_word_embeddings", False)
@@ -102,7 +102,7 @@ def _model_config(shape: str, seq: int):
 
 def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: int) -> dict:
     from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
-    from megatron_hdpissa.models import build_gpt_model
+    from megatron_hdpissa.models.config import build_gpt_model
 
     config = _model_config(shape, seq)
     overrides = {"sequence_parallel": sp, **RECOMPUTE[recompute]}
@@ -136,7 +136,7 @@ def _worker(rank, world, tp, port, shape, seqs, methods, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from megatron_hdpissa import distributed
+    from megatron_hdpissa.distributed import groups as distributed
 
     distributed.initialize(tensor_model_parallel_size=tp)
     rows = []
@@ -174,7 +174,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from megatron_hdpissa.distributed import free_port
+    from megatron_hdpissa.distributed.groups import free_port
 
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch "

@@ -314,7 +314,7 @@ class PublishedAdapter:
 
     def components(self, full, i):
         """(U, S, V) of this rank's slice of `full`, part i of the target: the top r components."""
-        from megatron_hdpissa.decomposition import top_singular
+        from megatron_hdpissa.peft.decomposition import top_singular
 
         return top_singular(full, self.rank, "exact")
 
@@ -485,7 +485,7 @@ def set_trainable(model, flag: bool) -> None:
 
 def make_full(model, lr):
     """Every weight trainable; DataParallelAdamW over them."""
-    from megatron_hdpissa.baselines import DataParallelAdamW
+    from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW
 
     set_trainable(model, True)
     return DataParallelAdamW(list(model.parameters()), lr=lr)
@@ -503,8 +503,8 @@ def make_floor(model) -> None:
 
 def published_targets(model):
     """Freeze the base; the targets of the published formulation (q/k/v, gate/up one by one)."""
-    from megatron_hdpissa.apply import find_targets
-    from megatron_hdpissa.config import DEFAULT_TARGET_MODULES
+    from megatron_hdpissa.peft.hd_pissa.model import find_targets
+    from megatron_hdpissa.peft.hd_pissa.config import DEFAULT_TARGET_MODULES
 
     set_trainable(model, False)
     return find_targets(model, DEFAULT_TARGET_MODULES, tp_size=1, fused=False)
@@ -536,7 +536,7 @@ def run_worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from megatron_hdpissa import distributed
+    from megatron_hdpissa.distributed import groups as distributed
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -570,7 +570,7 @@ def run_worker(args) -> dict:
             setattr(opt, name, _timed(getattr(opt, name), agg_acc, sync))
     elif method in ("lora", "lora-lean"):
         from megatron_hdpissa import HDPiSSAConfig
-        from megatron_hdpissa.baselines import DataParallelAdamW, apply_lowrank, iter_lowrank
+        from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW, apply_lowrank, iter_lowrank
 
         cfg = HDPiSSAConfig(rank=args.rank, alpha=args.alpha, seed=args.seed)
         apply_lowrank(model, cfg, "lora", progress=False)

@@ -58,7 +58,7 @@ BALANCE_ENV = "BENCH_TRAINER_BALANCE"  # the balanced mode's balance_window
 def run_worker(argv: list[str]) -> None:
     import atexit
 
-    from megatron_hdpissa import data
+    from megatron_hdpissa.data import sft as data
 
     records: list[list] = []
     original_next = data.SFTBatchIterator.__next__
@@ -91,7 +91,7 @@ def run_worker(argv: list[str]) -> None:
             json.dump({"records": records, "end": [time.perf_counter(), time.process_time()]}, f)
 
     atexit.register(dump)
-    from megatron_hdpissa import finetune
+    from megatron_hdpissa.training import finetune
 
     if hasattr(finetune, "cli"):
         finetune.cli(argv)
@@ -143,7 +143,7 @@ def machine_info(args) -> dict:
 
 
 def trainer_has_padding_flags() -> bool:
-    from megatron_hdpissa.finetune import parse_args as trainer_parse_args
+    from megatron_hdpissa.training.finetune import parse_args as trainer_parse_args
 
     try:
         args = trainer_parse_args(["--pretrained-checkpoint", "x", "--data-path", "x", "--train-iters", "1",
@@ -155,9 +155,9 @@ def trainer_has_padding_flags() -> bool:
 
 def prepare(args) -> tuple[Path, Path]:
     """The converted base (TP=1) and the GSM8K training split, cached."""
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import split_gsm8k, write_jsonl
-    from megatron_hdpissa.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
 
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "bench_trainer"
     work.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def trainer_flags(args, base: Path, train_path: Path, mode: str) -> list[str]:
 
 
 def run_mode(args, base, train_path, mode: str, tmp: Path, log) -> dict:
-    from megatron_hdpissa.distributed import free_port
+    from megatron_hdpissa.distributed.groups import free_port
 
     timings, log_json = tmp / f"{mode}-RANK.json", tmp / f"{mode}-log.jsonl"
     log_json.unlink(missing_ok=True)
@@ -348,7 +348,7 @@ def main(argv=None) -> dict:
     if args.global_batch_size % (args.micro_batch_size * args.nproc):
         raise SystemExit("--global-batch-size must be a multiple of --micro-batch-size x --nproc")
     if not trainer_has_padding_flags() and not args.force_padding_hook:
-        raise SystemExit("the trainer (megatron_hdpissa.finetune) has no --pad-to-max-length / --pad-multiple "
+        raise SystemExit("the trainer (megatron_hdpissa.training.finetune) has no --pad-to-max-length / --pad-multiple "
                          "yet; rerun with --force-padding-hook for a dry run of this script")
 
     def log(msg):

@@ -131,7 +131,7 @@ class Study:
     """Paths, material and bookkeeping shared by the stages; `log` prints one progress line."""
 
     def __init__(self, args):
-        from megatron_hdpissa.material import cache_dir
+        from megatron_hdpissa.data.material import cache_dir
 
         self.args = args
         self.out = Path(args.out) if args.out else cache_dir() / "study"
@@ -161,13 +161,13 @@ class Study:
 def prepare(st: Study) -> None:
     """The HF model and its Megatron conversion, the GSM8K parts, the facts, the Botchan windows."""
     import study_data
-    from megatron_hdpissa.conversion import TRACKER_FILE, convert_hf_to_megatron
-    from megatron_hdpissa.data import SFTDataset, SFTExample, write_jsonl
-    from megatron_hdpissa.material import gsm8k_test_path, smollm2_hf_dir
-    from megatron_hdpissa.tokenizer import HuggingFaceTokenizer
+    from megatron_hdpissa.convert.hf_megatron import TRACKER_FILE, convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import SFTDataset, SFTExample, write_jsonl
+    from megatron_hdpissa.data.material import gsm8k_test_path, smollm2_hf_dir
+    from megatron_hdpissa.data.tokenizer import HuggingFaceTokenizer
 
     a, t = st.args, time.time()
-    logging.getLogger("megatron_hdpissa.data").setLevel(logging.ERROR)  # truncation counts are recorded
+    logging.getLogger("megatron_hdpissa.data.sft").setLevel(logging.ERROR)  # truncation counts are recorded
     st.hf = smollm2_hf_dir(num_layers=a.layers)
     st.base = st.out / f"base-{st.hf.name}"
     if not (st.base / TRACKER_FILE).is_file():
@@ -268,7 +268,7 @@ def finetune_command(st: Study, task: str, method: str, lr: float, seed: int, ru
 
 
 def launch(st: Study, cmd: list[str]) -> list[str]:
-    from megatron_hdpissa.distributed import free_port
+    from megatron_hdpissa.distributed.groups import free_port
 
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(st.args.nproc),
             "--master-port", str(free_port()), "-m", "megatron_hdpissa.finetune"]
@@ -281,7 +281,7 @@ _TRAINABLE = re.compile(r"([0-9.]+)M trainable parameters per rank")
 def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tuple[str, ...],
               curves: bool = False) -> dict:
     """Train (or reuse) one run, then evaluate its export on `keys`; returns its record."""
-    from megatron_hdpissa.analysis import read_log_json
+    from megatron_hdpissa.analysis.effective_rank import read_log_json
 
     name = run_name(task, method, lr, seed)
     run = st.out / "runs" / name
@@ -360,7 +360,7 @@ def sweep(st: Study, method: str) -> dict:
 def effective_rank(st: Study, best_runs: dict) -> dict:
     import torch
 
-    from megatron_hdpissa import analysis
+    from megatron_hdpissa.analysis import effective_rank as analysis
 
     t = time.time()
     threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from megatron_hdpissa.data import split_gsm8k
+from megatron_hdpissa.data.sft import split_gsm8k
 
 # ---- GSM8K ---------------------------------------------------------------------------------------
 GSM8K_HELDOUT = 319  # the repository's fixed split (write_gsm8k_split's default)

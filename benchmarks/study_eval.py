@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hdpissa.data import SFTDataset
+from megatron_hdpissa.data.sft import SFTDataset
 
 
 def load_model(hf_dir):

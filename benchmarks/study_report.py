@@ -147,7 +147,7 @@ def reading_flags(a: dict) -> list[str]:
 
 # ---- plots ---------------------------------------------------------------------------------------
 def plot_all(study: dict, out: Path) -> None:
-    from megatron_hdpissa.analysis import plot_learning_curves
+    from megatron_hdpissa.analysis.effective_rank import plot_learning_curves
 
     a = study["analysis"]
     curves = {f"{m} (lr {a['per_method'][m]['best_lr']:g}, seed {study['args']['seeds'][1]})":
@@ -296,7 +296,7 @@ def markdown(study: dict) -> str:
         f"- Forgetting: mean token loss on {args['botchan_windows']} windows of {args['botchan_length']} tokens of "
         "Botchan (Project Gutenberg, from the sentencepiece 0.2.1 source distribution), which no method trains on.",
         f"- Effective rank: {study['effective_rank']['definition']}, per matrix of every layer, on the best "
-        "seed-1 export of each method (`megatron_hdpissa.analysis`, as `tools/effective_rank.py`).",
+        "seed-1 export of each method (`megatron_hdpissa.analysis.effective_rank`, as `tools/effective_rank.py`).",
         "",
         "## Results at each method's best learning rate",
         "",

@@ -37,9 +37,9 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2, help="data-parallel ranks (processes)")
     args = p.parse_args()
 
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import extract_gsm8k_answer, split_gsm8k, write_jsonl
-    from megatron_hdpissa.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import extract_gsm8k_answer, split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
 
     t_start = time.time()
     work = cache_dir() / "quickstart"
@@ -65,7 +65,7 @@ def main() -> None:
          f"{args.train_iters} steps")
     run_dir, export = work / "run", work / "merged-hf"
     shutil.rmtree(run_dir, ignore_errors=True)
-    from megatron_hdpissa.distributed import free_port
+    from megatron_hdpissa.distributed.groups import free_port
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),

@@ -5,16 +5,16 @@ The public names are imported lazily so that light entry points (the launcher) s
 from importlib import import_module
 
 _EXPORTS = {
-    "HDPiSSAAdapter": ".adapter",
-    "HDPiSSAConfig": ".config",
-    "HDPiSSAOptimizer": ".optimizer",
-    "ParallelGroups": ".distributed",
-    "active_slice": ".apply",
-    "apply_hd_pissa": ".apply",
-    "iter_adapters": ".apply",
-    "apply_lowrank": ".baselines",
-    "merge_lowrank": ".baselines",
-    "DataParallelAdamW": ".baselines",
+    "HDPiSSAAdapter": ".peft.hd_pissa.layer",
+    "HDPiSSAConfig": ".peft.hd_pissa.config",
+    "HDPiSSAOptimizer": ".optimizer.hd_pissa",
+    "ParallelGroups": ".distributed.groups",
+    "active_slice": ".peft.hd_pissa.model",
+    "apply_hd_pissa": ".peft.hd_pissa.model",
+    "iter_adapters": ".peft.hd_pissa.model",
+    "apply_lowrank": ".peft.lowrank.model",
+    "merge_lowrank": ".peft.lowrank.model",
+    "DataParallelAdamW": ".peft.lowrank.model",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -12,14 +12,14 @@ SMOLLM2_TEST_LAYERS = 2
 def smollm2_hf_dir():
     """Real SmolLM2-135M-Instruct weights, first layers only (built once into the cache folder:
     about a minute the first time, instant afterwards)."""
-    from megatron_hdpissa.material import smollm2_hf_dir
+    from megatron_hdpissa.data.material import smollm2_hf_dir
 
     return smollm2_hf_dir(num_layers=SMOLLM2_TEST_LAYERS)
 
 
 @pytest.fixture(scope="session")
 def gsm8k_path():
-    from megatron_hdpissa.material import gsm8k_test_path
+    from megatron_hdpissa.data.material import gsm8k_test_path
 
     return gsm8k_test_path()
 

@@ -9,7 +9,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron_hdpissa.distributed import free_port
+from megatron_hdpissa.distributed.groups import free_port
 
 
 def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo", pp=1):
@@ -18,7 +18,7 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo", pp=1)
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from megatron_hdpissa import distributed
+    from megatron_hdpissa.distributed import groups as distributed
 
     try:
         distributed.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend=backend)

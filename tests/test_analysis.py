@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_hdpissa import analysis
+from megatron_hdpissa.analysis import effective_rank as analysis
 
 REPO = Path(__file__).resolve().parents[1]
 # Ranks of the deltas added to the tiny LLaMA (hidden 64, 8 heads / 4 KV groups of dim 8, FFN 96).
@@ -56,7 +56,7 @@ def tiny(tmp_path_factory, tiny_llama_hf_dir):
     Megatron TP=2 checkpoints."""
     from safetensors.torch import load_file, save_file
 
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("analysis")
     tensors = load_file(str(next(Path(tiny_llama_hf_dir).glob("*.safetensors"))))
@@ -101,7 +101,7 @@ def test_hf_and_megatron_inputs_give_the_same_numbers(tiny):
 def _fake_lora_checkpoint(tiny, rank: int, alpha: float) -> tuple[Path, dict]:
     """A --peft lora --save folder at TP=2 with random factors, laid out as the trainer writes it;
     returns it and the expected HF-space deltas s * B_full @ A_full, computed independently."""
-    from megatron_hdpissa.config import HDPiSSAConfig
+    from megatron_hdpissa.peft.hd_pissa.config import HDPiSSAConfig
 
     src, dst = tiny["base_mg"], tiny["root"] / f"lora_r{rank}"
     shutil.rmtree(dst, ignore_errors=True)
@@ -153,7 +153,7 @@ def test_lora_training_checkpoint_factors_are_merged(tiny):
 @pytest.fixture(scope="module")
 def tiny_pp(tiny):
     """The base and fine-tuned tiny LLaMA as TP=2 x PP=2 checkpoints (one layer per stage)."""
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     return {name: convert_hf_to_megatron(tiny[src], tiny["root"] / name, tp_size=2, pp_size=2, progress=False)
             for name, src in (("base_pp", "base_hf"), ("ft_pp", "ft_hf"))}
@@ -183,8 +183,8 @@ def test_lora_training_checkpoint_saved_in_stages_is_merged(tiny, tiny_pp):
     """The same factors as the TP=2 fake LoRA checkpoint, laid out as the trainer saves them at
     TP=2 x PP=2: model files per (TP, stage), adapter files per (TP, stage) named by
     checkpointing.rank_file, layers numbered per stage (layer i -> stage i, local layer 0)."""
-    from megatron_hdpissa.checkpointing import rank_file
-    from megatron_hdpissa.distributed import ParallelGroups
+    from megatron_hdpissa.checkpoint.training_state import rank_file
+    from megatron_hdpissa.distributed.groups import ParallelGroups
 
     def groups(t, p):
         return ParallelGroups(None, None, tp_rank=t, tp_size=2, dp_rank=0, dp_size=1, pp_rank=p, pp_size=2)
@@ -214,7 +214,7 @@ def test_lora_training_checkpoint_saved_in_stages_is_merged(tiny, tiny_pp):
 
 # ---- a real LoRA run of the trainer: its --save folder against its merged --export-hf ---------
 def _finetune(argv):
-    from megatron_hdpissa import finetune
+    from megatron_hdpissa.training import finetune
 
     torch.set_num_threads(1)
     return finetune.main(argv)
@@ -224,8 +224,8 @@ def _finetune(argv):
 def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, gsm8k_path, ckpt_format):
     """A tiny LLaMA with SmolLM2's tokenizer, 2 LoRA steps: the analysis of the training
     checkpoint (factors merged) equals that of the trainer's merged export, rank r everywhere."""
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import split_gsm8k, write_jsonl
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
     from tests.conftest import tiny_llama_with_smollm2_tokenizer
     from tests.dist_utils import run_distributed
 
@@ -250,7 +250,7 @@ def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, g
     # the converter merges the factors too (it used to export W without them)
     from safetensors.torch import load_file
 
-    from megatron_hdpissa.conversion import convert_megatron_to_hf
+    from megatron_hdpissa.convert.hf_megatron import convert_megatron_to_hf
 
     convert_megatron_to_hf(tmp_path / "run", tmp_path / "converted", progress=False)
     want, got = load_file(tmp_path / "export" / "model.safetensors"), load_file(tmp_path / "converted" / "model.safetensors")

@@ -120,7 +120,7 @@ def _train(method, groups, lora_a=None, model_cls=toy.MegatronToy, targets=None)
     """One baseline run on the megatron toy at the current megatron-core TP size with the DP
     layout of `groups`: loss per rank = mean over its micro-batches, DataParallelAdamW."""
     from megatron_hdpissa import HDPiSSAConfig
-    from megatron_hdpissa.baselines import DataParallelAdamW, apply_lowrank, iter_lowrank, merge_lowrank
+    from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW, apply_lowrank, iter_lowrank, merge_lowrank
 
     x = _probe()
     model = model_cls(toy.logical_weights(), groups.tp_size)

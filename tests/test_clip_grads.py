@@ -49,7 +49,7 @@ def _pp_worker():
     from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 
     from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, apply_hd_pissa
-    from megatron_hdpissa.compat import ensure_cpu_compat
+    from megatron_hdpissa.models.compat import ensure_cpu_compat
 
     ensure_cpu_compat()  # the scaler's bookkeeping tensors on the CPU
     pp_group, pp_rank = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_hdpissa import compat
+from megatron_hdpissa.models import compat
 from tests.dist_utils import run_distributed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compatibility layer")
@@ -77,7 +77,7 @@ def _forward_backward(ckpt_dir: str, token_ids, out_weight: torch.Tensor):
     """Gradients of sum(logits * out_weight), plain and with activation recomputation."""
     from megatron.core import parallel_state
 
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     ids = torch.tensor(token_ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)
@@ -94,7 +94,7 @@ def _forward_backward(ckpt_dir: str, token_ids, out_weight: torch.Tensor):
 def test_gpt_model_forward_backward_tp2_matches_hf_gradients(tiny_llama_hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     ckpt = convert_hf_to_megatron(tiny_llama_hf_dir, tmp_path / "ckpt", 2, progress=False)
     gen = torch.Generator().manual_seed(0)

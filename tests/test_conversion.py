@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_hdpissa.conversion import (
+from megatron_hdpissa.convert.hf_megatron import (
     convert_hf_to_megatron,
     convert_megatron_to_hf,
     load_megatron_state_dict,
     read_checkpoint_info,
 )
-from megatron_hdpissa.models import ModelConfig, build_gpt_model
+from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
 from tests.dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ---- helpers (module level: run inside spawned ranks) -----------------------------------------
 def _megatron_logits(ckpt_dirs: list[str], token_ids: list[list[int]]) -> list[torch.Tensor]:
     """Full-vocabulary logits of each converted checkpoint on this rank."""
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     logits = []
     for ckpt_dir in ckpt_dirs:

@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from megatron_hdpissa.conversion import (
+from megatron_hdpissa.convert.hf_megatron import (
     convert_hf_to_megatron,
     convert_megatron_to_hf,
     load_megatron_state_dict,
     read_checkpoint_info,
 )
-from megatron_hdpissa.models import ModelConfig
+from megatron_hdpissa.models.config import ModelConfig
 from tests.dist_utils import run_distributed
 from tests.test_conversion import _assert_bit_exact, _assert_logits_close, _hf_logits, _load_tool, _megatron_logits, _random_ids
 from tests.test_conversion_pp import _pipeline_logits
@@ -120,7 +120,7 @@ def test_qwen3_qk_norms_are_converted(dist_converted, tiny_qwen3_hf_dir):
 def _logits_counting_mcore_loads(ckpt_dirs: list[str], token_ids):
     """`_megatron_logits`, and how many of the loads went through megatron-core's
     dist_checkpointing.load (resharding) rather than the in-process slicing."""
-    from megatron_hdpissa import dist_checkpoint
+    from megatron_hdpissa.checkpoint import dist as dist_checkpoint
 
     calls = []
     real = dist_checkpoint.load_dist_checkpoint
@@ -216,7 +216,7 @@ def test_qwen3_config_reads_both_rope_forms():
 def test_effective_rank_tool_reads_torch_dist(dist_converted, tiny_llama_hf_dir):
     from safetensors.torch import load_file
 
-    from megatron_hdpissa.analysis import open_checkpoint
+    from megatron_hdpissa.analysis.effective_rank import open_checkpoint
 
     hf = load_file(str(tiny_llama_hf_dir / "model.safetensors"))
     ckpt = open_checkpoint(dist_converted["llama_dist"])

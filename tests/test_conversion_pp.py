@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_hdpissa.conversion import (
+from megatron_hdpissa.convert.hf_megatron import (
     convert_hf_to_megatron,
     convert_megatron_to_hf,
     hf_tensors_from_megatron,
@@ -18,7 +18,7 @@ from megatron_hdpissa.conversion import (
     read_checkpoint_info,
     split_pipeline_stages,
 )
-from megatron_hdpissa.models import ModelConfig
+from megatron_hdpissa.models.config import ModelConfig
 from tests.dist_utils import run_distributed
 from tests.test_conversion import _assert_bit_exact, _assert_logits_close, _hf_logits, _random_ids
 
@@ -180,7 +180,7 @@ def _pipeline_logits(ckpt_dirs: list[str], token_ids: list[list[int]]) -> list:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     out = []
     for ckpt_dir in ckpt_dirs:
@@ -221,7 +221,7 @@ def test_pp2_model_loaded_from_stages_matches_hf_logits(pp_converted, tiny_llama
 
 
 def _pp1_logits(ckpt_dir: str, token_ids: list[list[int]]) -> torch.Tensor:
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
     ids = torch.tensor(token_ids)

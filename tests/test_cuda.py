@@ -17,7 +17,7 @@ STEPS, MICRO, R, ALPHA, LR, CLIP = 3, 2, 2, 4.0, 1e-2, 0.05
 
 def train_cuda():
     from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, apply_hd_pissa
-    from megatron_hdpissa.ddp import wrap_ddp
+    from megatron_hdpissa.distributed.ddp import wrap_ddp
 
     torch.manual_seed(0)
     model = toy.MegatronToy(toy.logical_weights(), 1, dtype=torch.bfloat16).cuda()

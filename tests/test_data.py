@@ -9,7 +9,7 @@ import pytest
 import sentencepiece
 import torch
 
-from megatron_hdpissa.data import (
+from megatron_hdpissa.data.sft import (
     DataError,
     SFTBatchIterator,
     SFTDataset,
@@ -21,7 +21,7 @@ from megatron_hdpissa.data import (
     train_heldout_split,
     write_gsm8k_split,
 )
-from megatron_hdpissa.tokenizer import build_tokenizer, check_vocab_fits
+from megatron_hdpissa.data.tokenizer import build_tokenizer, check_vocab_fits
 
 
 def package_file(package, *parts):
@@ -176,7 +176,7 @@ def test_truncation_counts_and_drops(sp, sp_tok, gsm8k_examples, caplog):
     expected_truncated = sum(p + r > seq_length + 1 for p, r in lengths)
     expected_dropped = sum(p > seq_length for p, r in lengths)
     assert 0 < expected_dropped < expected_truncated < len(examples)
-    with caplog.at_level(logging.WARNING, logger="megatron_hdpissa.data"):
+    with caplog.at_level(logging.WARNING, logger="megatron_hdpissa.data.sft"):
         dataset = SFTDataset(examples, sp_tok, seq_length=seq_length, template="{prompt}")
     assert (dataset.num_truncated, dataset.num_dropped) == (expected_truncated, expected_dropped)
     assert len(dataset) == len(examples) - expected_dropped
@@ -381,7 +381,7 @@ def _loss_and_grads(config_dict: dict, batch_sets: dict) -> dict:
     the trainer's loss (masked token-loss sum / token count per micro-batch, averaged over the
     micro-batches) and the gradients after its backward. Runs in a spawned single-rank process."""
     from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
-    from megatron_hdpissa.models import ModelConfig, build_gpt_model
+    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
 
     config = ModelConfig.from_dict(config_dict)
     out = {}
@@ -407,7 +407,7 @@ def _loss_and_grads(config_dict: dict, batch_sets: dict) -> dict:
 
 
 def test_variable_length_loss_and_gradients_equal_padded_on_gptmodel(sp_tok, gsm8k_examples):
-    from megatron_hdpissa.models import ModelConfig
+    from megatron_hdpissa.models.config import ModelConfig
     from tests.dist_utils import run_distributed
 
     seq_length = 384

@@ -25,7 +25,7 @@ def train_ddp(tp: int, clip: float, others: str, steps: int = STEPS):
     from megatron.core import parallel_state as ps
 
     from megatron_hdpissa import HDPiSSAOptimizer, apply_hd_pissa
-    from megatron_hdpissa.ddp import wrap_ddp
+    from megatron_hdpissa.distributed.ddp import wrap_ddp
 
     torch.manual_seed(0)
     model = toy.MegatronToy(toy.logical_weights(), tp)
@@ -100,7 +100,7 @@ def train_fp16(inject_rank: int, steps: int, lr: float):
     from megatron.core.optimizer.grad_scaler import DynamicGradScaler
 
     from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, apply_hd_pissa
-    from megatron_hdpissa.ddp import wrap_ddp
+    from megatron_hdpissa.distributed.ddp import wrap_ddp
 
     torch.manual_seed(0)
     model = toy.MegatronToy(toy.logical_weights(), 1, dtype=torch.float16)

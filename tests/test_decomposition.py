@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hdpissa.decomposition import slice_factors, subspace_error, top_singular
+from megatron_hdpissa.peft.decomposition import slice_factors, subspace_error, top_singular
 
 
 def _decaying(m, n, seed=0):

@@ -24,7 +24,7 @@ LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_la
 
 
 def _model(seed: int):
-    from megatron_hdpissa.models import ModelConfig, build_gpt_model
+    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
 
     return build_gpt_model(ModelConfig.from_hf(dict(LLAMA)), seed=seed)
 
@@ -39,7 +39,7 @@ def _save_at_current_layout(save_dir: str, iteration: int, seed: int):
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_hdpissa.dist_checkpoint import save_model_checkpoint
+    from megatron_hdpissa.checkpoint.dist import save_model_checkpoint
 
     model = _model(seed)
     save_model_checkpoint(model, save_dir, iteration, common_state={"step": iteration})
@@ -49,7 +49,7 @@ def _save_at_current_layout(save_dir: str, iteration: int, seed: int):
 
 
 def _load_at_current_layout(iter_dir: str):
-    from megatron_hdpissa.dist_checkpoint import load_model_checkpoint
+    from megatron_hdpissa.checkpoint.dist import load_model_checkpoint
 
     model = _model(seed=999)  # different init: everything must come from the checkpoint
     rest = load_model_checkpoint(model, iter_dir)
@@ -88,10 +88,10 @@ UNGUARDED_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
 import torch
-from megatron_hdpissa import distributed
+from megatron_hdpissa.distributed import groups as distributed
 distributed.initialize(tensor_model_parallel_size=2)   # at module level, no __main__ guard
-from megatron_hdpissa.models import ModelConfig, build_gpt_model
-from megatron_hdpissa.dist_checkpoint import save_model_checkpoint
+from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+from megatron_hdpissa.checkpoint.dist import save_model_checkpoint
 model = build_gpt_model(ModelConfig.from_hf({llama!r}))
 save_model_checkpoint(model, {out!r}, 1)
 print("saved", flush=True)
@@ -117,7 +117,7 @@ def test_module_level_script_under_torchrun_saves(tmp_path):
 def _save_then_die_after_shards(save_dir: str):
     """Save iteration 1, then die (every rank) in iteration 2 once its shards are on disk but
     before megatron-core's metadata.json, the rename and the tracker."""
-    from megatron_hdpissa import dist_checkpoint
+    from megatron_hdpissa.checkpoint import dist as dist_checkpoint
 
     model = _model(seed=11)
     dist_checkpoint.save_model_checkpoint(model, save_dir, 1)
@@ -145,7 +145,7 @@ def _save_then_die_after_shards(save_dir: str):
 def _save_then_die_before_tracker(save_dir: str):
     """Re-save iteration 2 (over the crashed save's remains) and die after the rename, before the
     tracker is rewritten."""
-    from megatron_hdpissa import dist_checkpoint
+    from megatron_hdpissa.checkpoint import dist as dist_checkpoint
 
     model = _model(seed=12)
 
@@ -157,8 +157,8 @@ def _save_then_die_before_tracker(save_dir: str):
 
 
 def test_crash_during_save_keeps_previous_checkpoint_loadable(tmp_path):
-    from megatron_hdpissa.conversion import dist_whole_state_dict, read_checkpoint_info
-    from megatron_hdpissa.models import ModelConfig
+    from megatron_hdpissa.convert.hf_megatron import dist_whole_state_dict, read_checkpoint_info
+    from megatron_hdpissa.models.config import ModelConfig
 
     config = ModelConfig.from_hf(dict(LLAMA))
     with pytest.raises(Exception, match="exit code 17|exitcode|17"):
@@ -186,7 +186,7 @@ class _Boom:
 
 
 def test_crafted_index_and_common_state_are_refused(tmp_path):
-    from megatron_hdpissa.dist_checkpoint import load_common_state, read_dcp_metadata
+    from megatron_hdpissa.checkpoint.dist import load_common_state, read_dcp_metadata
 
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(ValueError, match="posix.system|os.system|refusing"):
@@ -199,7 +199,7 @@ def test_crafted_index_and_common_state_are_refused(tmp_path):
 
 
 def test_async_save_is_refused_with_the_reason(tmp_path):
-    from megatron_hdpissa.dist_checkpoint import save_dist_checkpoint
+    from megatron_hdpissa.checkpoint.dist import save_dist_checkpoint
 
     with pytest.raises(ValueError, match="--async-save"):
         save_dist_checkpoint(tmp_path, 1, {}, async_save=True)
@@ -227,7 +227,7 @@ def _tp_part(kind: str, full: torch.Tensor, t: int, tp: int) -> torch.Tensor:
 
 
 def _slice_state(slices, t: int, tp: int, fill):
-    from megatron_hdpissa.dist_checkpoint import slice_sharded_tensor
+    from megatron_hdpissa.checkpoint.dist import slice_sharded_tensor
 
     state = {}
     for k in slices:
@@ -241,7 +241,7 @@ def _slice_state(slices, t: int, tp: int, fill):
 
 def _save_slices_dp2(save_dir: str):
     """TP=1 x DP=2: rank d owns slice d."""
-    from megatron_hdpissa.dist_checkpoint import save_dist_checkpoint
+    from megatron_hdpissa.checkpoint.dist import save_dist_checkpoint
 
     d = torch.distributed.get_rank()
     state = _slice_state([d], 0, 1, lambda kind, k: _factor(kind, k))
@@ -252,7 +252,7 @@ def _load_slices_tp2(iter_dir: str):
     """TP=2 x DP=1 with 2 virtual ranks: every rank holds both slices, its TP part of each."""
     from megatron.core import parallel_state as ps
 
-    from megatron_hdpissa.dist_checkpoint import load_dist_checkpoint
+    from megatron_hdpissa.checkpoint.dist import load_dist_checkpoint
 
     t = ps.get_tensor_model_parallel_rank()
     shapes = {"fc1": (2 * FFN // 2, R), "proj": (R, HIDDEN // 2)}

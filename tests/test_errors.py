@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_hdpissa import HDPiSSAConfig
-from megatron_hdpissa import layout
+from megatron_hdpissa.peft import layout
 from tests import toy
 from tests.dist_utils import run_distributed
 
@@ -88,7 +88,7 @@ def test_cli_user_error_prints_one_line_from_rank_0(tmp_path, tiny_llama_hf_dir,
     assert "exitcode  : 1" in proc.stderr and "exitcode  : 0" not in proc.stderr, proc.stderr[-3000:]
     # after the process groups exist (rank 0 reports; the others see the same message and stay quiet):
     # SmolLM2's 49152-token tokenizer on a model with a 256-entry vocabulary
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     tiny = convert_hf_to_megatron(tiny_llama_hf_dir, tmp_path / "tiny", tp_size=1, progress=False)
     proc = _torchrun("--pretrained-checkpoint", str(tiny), "--tokenizer-model", str(smollm2_hf_dir),
@@ -105,7 +105,7 @@ def test_cli_user_error_prints_one_line_from_rank_0(tmp_path, tiny_llama_hf_dir,
 
 
 def test_run_cli_keeps_tracebacks_of_unexpected_errors(capsys):
-    from megatron_hdpissa.errors import run_cli
+    from megatron_hdpissa.training.errors import run_cli
 
     def bad_input(argv):
         raise FileNotFoundError("--data-path x.jsonl does not exist")

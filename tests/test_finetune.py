@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import split_gsm8k, write_jsonl
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
 
     root = tmp_path_factory.mktemp("ft")
     base = convert_hf_to_megatron(smollm2_hf_dir, root / "base", tp_size=1, progress=False)
@@ -51,14 +51,14 @@ def common_args(m, **over):
 
 
 def _main(argv):
-    from megatron_hdpissa import finetune
+    from megatron_hdpissa.training import finetune
 
     torch.set_num_threads(1)
     return finetune.main(argv)
 
 
 def _logits(ckpt_dir, tokens):
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
     model.eval()
@@ -68,8 +68,8 @@ def _logits(ckpt_dir, tokens):
 
 def _weights(ckpt_dir, iteration, pp: int = 1):
     """TP rank 0's whole-model weights (pipeline stages joined)."""
-    from megatron_hdpissa.conversion import merge_pipeline_stages
-    from megatron_hdpissa.models import ModelConfig
+    from megatron_hdpissa.convert.hf_megatron import merge_pipeline_stages
+    from megatron_hdpissa.models.config import ModelConfig
 
     it = Path(ckpt_dir) / f"iter_{iteration:07d}"
     names = ["mp_rank_00"] if pp == 1 else [f"mp_rank_00_{p:03d}" for p in range(pp)]
@@ -121,7 +121,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
     assert r_full["others_optimizer"] == "ChainedOptimizer", "norms go through get_megatron_optimizer"
 
     killed = root / f"killed_{layout}"
-    from megatron_hdpissa.distributed import free_port
+    from megatron_hdpissa.distributed.groups import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "megatron_hdpissa.finetune",
@@ -147,7 +147,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
         "--train-iters": 6, "--save": killed, "--load": killed, **NORMS, **flags}),))[0]
     assert r["start"] == saved_at
     if flags["--ckpt-format"] == "torch_dist":  # every saved tensor: weights, factors, moments
-        from megatron_hdpissa.dist_checkpoint import read_global_tensors
+        from megatron_hdpissa.checkpoint.dist import read_global_tensors
 
         sa, sb = read_global_tensors(full / "iter_0000006"), read_global_tensors(killed / "iter_0000006")
         assert set(sa) == set(sb) and any(k.startswith("optimizer.state.exp_avg_sq.") for k in sa), sorted(sa)[:5]
@@ -207,7 +207,7 @@ def _expect_error(argv):
 
 
 def test_bad_input_errors(material, tmp_path, tiny_llama_hf_dir):
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     garbled = tmp_path / "garbled.jsonl"
     lines = [json.dumps({"question": "q", "answer": "a"})] * 2 + ["{not json"]
@@ -239,8 +239,8 @@ def _errors(cases):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from megatron_hdpissa import checkpointing
-    from megatron_hdpissa.distributed import ParallelGroups
+    from megatron_hdpissa.checkpoint import training_state as checkpointing
+    from megatron_hdpissa.distributed.groups import ParallelGroups
 
     groups = ParallelGroups(None, None, 0, 1, 0, 1)
     model = torch.nn.Linear(4, 3)

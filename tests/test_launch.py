@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_hdpissa import launch
-from megatron_hdpissa.distributed import free_port
-from megatron_hdpissa.launch import (
+from megatron_hdpissa.launch import launcher as launch
+from megatron_hdpissa.distributed.groups import free_port
+from megatron_hdpissa.launch.launcher import (
     LaunchError,
     expand_hostlist,
     expand_tasks_per_node,

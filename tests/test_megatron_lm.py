@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import torch
 
-from megatron_hdpissa import megatron_lm
+from megatron_hdpissa.integrations import megatron_lm
 from tests.dist_utils import run_distributed
 
 
@@ -124,7 +124,7 @@ def test_wrapped_provider_keeps_signature_and_only_touches_hd_pissa_runs():
     assert inspect.signature(wrapped) == inspect.signature(inner)  # for code that inspects providers
     model = wrapped(pre_process=True, post_process=True, vp_stage=None)
     assert isinstance(model, torch.nn.Linear) and not megatron_lm.is_hd_pissa_model(model)
-    with pytest.raises(NotImplementedError, match="megatron_hdpissa.finetune"):
+    with pytest.raises(NotImplementedError, match="megatron_hdpissa.training.finetune"):
         megatron_lm.wrap_model_provider(inner, argparse.Namespace(peft="lora"))()
     te = argparse.Namespace(peft="hd-pissa", transformer_impl="transformer_engine")
     with pytest.raises(ValueError, match="--transformer-impl local"):
@@ -134,7 +134,7 @@ def test_wrapped_provider_keeps_signature_and_only_touches_hd_pissa_runs():
 # ---- real model, 2 data-parallel ranks -------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory, smollm2_hf_dir):
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     return convert_hf_to_megatron(smollm2_hf_dir, tmp_path_factory.mktemp("mlm") / "base", tp_size=1, progress=False)
 
@@ -147,20 +147,20 @@ def _batch(dp_rank: int, vocab: int):
 
 
 def _loss(model, batch):
-    from megatron_hdpissa.finetune import micro_batch_loss
+    from megatron_hdpissa.training.finetune import micro_batch_loss
 
     loss_sum, count = micro_batch_loss(model, batch, torch.device("cpu"))
     return loss_sum / count
 
 
 def _targeted_weights(model):
-    from megatron_hdpissa.apply import iter_adapters
+    from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
 
     return {name: module.weight.detach().clone() for name, module, _ in iter_adapters(model)}
 
 
 def _factors(model):
-    from megatron_hdpissa.apply import iter_adapters
+    from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
 
     out = {}
     for name, _, ad in iter_adapters(model):
@@ -174,11 +174,11 @@ def _megatron_lm_flow(base_dir: str):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_hdpissa import apply_hd_pissa
-    from megatron_hdpissa.conversion import load_megatron_checkpoint, load_megatron_state_dict
-    from megatron_hdpissa.distributed import ParallelGroups
-    from megatron_hdpissa.finetune import hd_pissa_config
-    from megatron_hdpissa.models import ModelConfig, build_gpt_model
-    from megatron_hdpissa.optimizer import HDPiSSAOptimizer
+    from megatron_hdpissa.convert.hf_megatron import load_megatron_checkpoint, load_megatron_state_dict
+    from megatron_hdpissa.distributed.groups import ParallelGroups
+    from megatron_hdpissa.training.finetune import hd_pissa_config
+    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+    from megatron_hdpissa.optimizer.hd_pissa import HDPiSSAOptimizer
 
     groups = ParallelGroups.from_megatron()
     args = _megatron_parser(megatron_lm.extra_args_provider).parse_args(
@@ -295,10 +295,10 @@ def _pp_flow(base_dir: str, steps: int = 2):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_hdpissa.conversion import load_megatron_checkpoint
-    from megatron_hdpissa.distributed import ParallelGroups
-    from megatron_hdpissa.models import ModelConfig, build_gpt_model
-    from megatron_hdpissa.training import make_forward_step
+    from megatron_hdpissa.convert.hf_megatron import load_megatron_checkpoint
+    from megatron_hdpissa.distributed.groups import ParallelGroups
+    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+    from megatron_hdpissa.training.step import make_forward_step
 
     groups = ParallelGroups.from_megatron()
     args = _megatron_parser(megatron_lm.extra_args_provider).parse_args(
@@ -326,8 +326,8 @@ def _pp_flow(base_dir: str, steps: int = 2):
 
 
 def test_megatron_lm_flow_at_pp2_equals_pp1(base_checkpoint):
-    from megatron_hdpissa.conversion import load_megatron_state_dict, merge_pipeline_stages
-    from megatron_hdpissa.models import ModelConfig
+    from megatron_hdpissa.convert.hf_megatron import load_megatron_state_dict, merge_pipeline_stages
+    from megatron_hdpissa.models.config import ModelConfig
 
     (one,) = run_distributed(_pp_flow, 1, 1, args=(str(base_checkpoint),))
     stages = run_distributed(_pp_flow, 2, 1, pp=2, args=(str(base_checkpoint),))

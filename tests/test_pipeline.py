@@ -16,8 +16,8 @@ from tests.test_finetune import _expect_error, _main
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import split_gsm8k, write_jsonl
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
     from tests.conftest import tiny_llama_with_smollm2_tokenizer
 
     root = tmp_path_factory.mktemp("pp")
@@ -53,8 +53,8 @@ def _losses(m, run):
 
 def _merged_weights(save: Path, iteration: int, tp: int = 1, pp: int = 1) -> list[dict]:
     """Whole-model state dict of each TP rank of a training checkpoint (stages joined)."""
-    from megatron_hdpissa.conversion import merge_pipeline_stages
-    from megatron_hdpissa.models import ModelConfig
+    from megatron_hdpissa.convert.hf_megatron import merge_pipeline_stages
+    from megatron_hdpissa.models.config import ModelConfig
 
     it = save / f"iter_{iteration:07d}"
     out = []
@@ -114,7 +114,7 @@ def test_pp2_dp2_equals_pp1_dp2_and_export_matches(tiny):
 
 
 def _logits(ckpt_dir, tokens):
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
     model.eval()
@@ -175,7 +175,7 @@ def test_pp_must_divide_layers(tiny):
 
 
 def test_sequence_parallel_and_recompute_flags_reach_the_model(tiny):
-    from megatron_hdpissa.arguments import effective_pad_multiple, parse_args
+    from megatron_hdpissa.training.arguments import effective_pad_multiple, parse_args
 
     argv = _argv(tiny, "sp", **{"--tensor-model-parallel-size": 2, "--sequence-parallel": None,
                                 "--pad-multiple": 3, "--recompute-granularity": "full",

@@ -29,8 +29,8 @@ ITERS = 4
 
 @pytest.fixture(scope="module")
 def m(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
-    from megatron_hdpissa.data import split_gsm8k, write_jsonl
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
     from tests.conftest import tiny_llama_with_smollm2_tokenizer
 
     root = tmp_path_factory.mktemp("resume_dist")
@@ -79,8 +79,8 @@ def _run(m, run: str, layout: str, **over):
 
 def _saved(m, run: str) -> dict[str, torch.Tensor]:
     """Every tensor of the run's latest torch_dist checkpoint, whole (global shapes)."""
-    from megatron_hdpissa.conversion import read_checkpoint_info
-    from megatron_hdpissa.dist_checkpoint import read_global_tensors
+    from megatron_hdpissa.convert.hf_megatron import read_checkpoint_info
+    from megatron_hdpissa.checkpoint.dist import read_global_tensors
 
     return read_global_tensors(read_checkpoint_info(m["root"] / run).iter_dir)
 
@@ -193,8 +193,8 @@ def test_sharded_fp32_masters_reshard_over_dp(m):
 
 
 def _saved_base(m) -> dict[str, torch.Tensor]:
-    from megatron_hdpissa.conversion import read_checkpoint_info
-    from megatron_hdpissa.dist_checkpoint import read_global_tensors
+    from megatron_hdpissa.convert.hf_megatron import read_checkpoint_info
+    from megatron_hdpissa.checkpoint.dist import read_global_tensors
 
     return read_global_tensors(read_checkpoint_info(m["base"]).iter_dir)
 

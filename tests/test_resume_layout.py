@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_hdpissa.arguments import parse_args
+from megatron_hdpissa.training.arguments import parse_args
 
 BASE = ["--pretrained-checkpoint", "ckpt", "--data-path", "train.jsonl", "--train-iters", "1"]
 

@@ -21,8 +21,8 @@ def _batches(vocab: int, dp_rank: int, steps: int, seq: int):
 
 def _adapted_model(ckpt: str, method: str, overrides: dict):
     from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, apply_hd_pissa, apply_lowrank
-    from megatron_hdpissa.baselines import DataParallelAdamW
-    from megatron_hdpissa.conversion import load_gpt_model
+    from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW
+    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
 
     model, _ = load_gpt_model(ckpt, **overrides)
     # "hd-pissa-norms" also trains every RMSNorm data-parallel: under SP each TP rank sees only
@@ -156,7 +156,7 @@ RECOMPUTE = {
 
 @pytest.fixture(scope="module")
 def llama_tp2(tiny_llama_hf_dir, tmp_path_factory):
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     return str(convert_hf_to_megatron(tiny_llama_hf_dir, tmp_path_factory.mktemp("sp") / "tp2", 2,
                                       progress=False))
@@ -196,7 +196,7 @@ def test_recompute_gradients_equal_no_recompute(recompute_runs, name):
 
 def test_sequence_parallel_smollm2_tp3_dp2(smollm2_hf_dir, tmp_path):
     """The real (truncated) SmolLM2 at TP=3 x DP=2: tied embeddings, 9 heads / 3 KV groups."""
-    from megatron_hdpissa.conversion import convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     ckpt = str(convert_hf_to_megatron(smollm2_hf_dir, tmp_path / "tp3", 3, progress=False))
     runs = [("hd-pissa", {"sequence_parallel": True}), ("hd-pissa", {})]
@@ -216,7 +216,7 @@ def test_sequence_parallel_smollm2_tp3_dp2(smollm2_hf_dir, tmp_path):
     (dict(recompute_granularity="selective", recompute_num_layers=1), "selective takes no"),
 ])
 def test_bad_parallelism_flags_name_the_flag(kwargs, flag):
-    from megatron_hdpissa.models import parallelism_overrides
+    from megatron_hdpissa.models.config import parallelism_overrides
 
     args = dict(tp_size=2, seq_length=16, num_layers=4)
     args.update(kwargs)
@@ -225,7 +225,7 @@ def test_bad_parallelism_flags_name_the_flag(kwargs, flag):
 
 
 def test_overrides_reach_transformer_config():
-    from megatron_hdpissa.models import parallelism_overrides
+    from megatron_hdpissa.models.config import parallelism_overrides
 
     out = parallelism_overrides(2, 16, 4, pp_size=2, sequence_parallel=True,
                                 recompute_granularity="full", recompute_method="block",

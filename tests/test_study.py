@@ -22,7 +22,7 @@ import study_metrics as sm  # noqa: E402
 
 # ---- GSM8K answers -------------------------------------------------------------------------------
 def _gsm8k_records():
-    from megatron_hdpissa.material import gsm8k_test_path
+    from megatron_hdpissa.data.material import gsm8k_test_path
 
     try:
         path = gsm8k_test_path()
@@ -157,7 +157,7 @@ def test_facts_are_seeded_distinct_and_well_formed():
 
 
 def test_gsm8k_splits_are_disjoint(tmp_path):
-    from megatron_hdpissa.material import gsm8k_test_path
+    from megatron_hdpissa.data.material import gsm8k_test_path
 
     try:
         path = str(gsm8k_test_path())
@@ -206,7 +206,7 @@ def _tiny_llama(vocab):
 
 
 def _dataset(pairs, seq_length=64, template="{prompt}"):
-    from megatron_hdpissa.data import SFTDataset, SFTExample
+    from megatron_hdpissa.data.sft import SFTDataset, SFTExample
 
     return SFTDataset([SFTExample(p, r) for p, r in pairs], _CharTokenizer(), seq_length, template)
 
@@ -287,7 +287,7 @@ def test_default_study_fits_the_budget():
 
 def test_trainer_commands_parse_and_match_across_methods(tmp_path):
     import study
-    from megatron_hdpissa.arguments import parse_args as trainer_args
+    from megatron_hdpissa.training.arguments import parse_args as trainer_args
 
     st = study.Study(study.parse_args(["--out", str(tmp_path)]))
     st.base = tmp_path / "base"

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_hdpissa.conversion import DTYPE_NAMES, convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import DTYPE_NAMES, convert_hf_to_megatron
 
     try:
         out = convert_hf_to_megatron(

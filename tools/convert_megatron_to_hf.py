@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_hdpissa.conversion import DTYPE_NAMES, convert_megatron_to_hf
+    from megatron_hdpissa.convert.hf_megatron import DTYPE_NAMES, convert_megatron_to_hf
 
     try:
         out = convert_megatron_to_hf(

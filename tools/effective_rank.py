@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from megatron_hdpissa.analysis import DEFAULT_THRESHOLD, PROJECTIONS
+    from megatron_hdpissa.analysis.effective_rank import DEFAULT_THRESHOLD, PROJECTIONS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,7 +60,7 @@ def _named(items: list[str]) -> dict[str, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_hdpissa import analysis
+    from megatron_hdpissa.analysis import effective_rank as analysis
 
     try:
         finetuned = _named(args.finetuned)

@@ -133,7 +133,7 @@ if ((FINETUNE)); then
   t=$(now_ms)
   MAT=$WORK/material
   mkdir -p "$MAT"
-  HF_DIR=$("$PYTHON" -c 'from megatron_hdpissa.material import smollm2_hf_dir; print(smollm2_hf_dir(num_layers=2))' \
+  HF_DIR=$("$PYTHON" -c 'from megatron_hdpissa.data.material import smollm2_hf_dir; print(smollm2_hf_dir(num_layers=2))' \
            2>"$WORK/log/material.err" | tail -1) \
     || { cat "$WORK/log/material.err"; die "could not prepare SmolLM2 (make venv installs the material packages)"; }
   "$PYTHON" "$REPO/tools/convert_hf_to_megatron.py" --hf-dir "$HF_DIR" --save "$MAT/base" \
@@ -143,8 +143,8 @@ if ((FINETUNE)); then
 import sys
 from pathlib import Path
 
-from megatron_hdpissa.data import write_gsm8k_split
-from megatron_hdpissa.material import gsm8k_test_path
+from megatron_hdpissa.data.sft import write_gsm8k_split
+from megatron_hdpissa.data.material import gsm8k_test_path
 
 mat = Path(sys.argv[1])
 train, heldout = write_gsm8k_split(str(gsm8k_test_path()), str(mat / "gsm8k"))
@@ -243,7 +243,7 @@ say "slurmctld (pid $CTLD_PID) and slurmd (pid $SLURMD_PID) up: node $NODE, $CPU
 # The launcher's hostlist expander against SLURM's own (forms both accept).
 SPECS=('node[01-04,07]' 'a-[1-2],b3' 'rack[1-2]-n[8-10]' 'x[098-100],y' 'n[1-010]' "$NODE")
 for spec in "${SPECS[@]}"; do scontrol show hostnames "$spec" | tr '\n' ' '; echo; done >"$WORK/hostnames.scontrol"
-"$PYTHON" -c 'import sys; from megatron_hdpissa.launch import expand_hostlist as e
+"$PYTHON" -c 'import sys; from megatron_hdpissa.launch.launcher import expand_hostlist as e
 for spec in sys.argv[1:]: print(*e(spec), end=" \n")' "${SPECS[@]}" >"$WORK/hostnames.ours"
 diff "$WORK/hostnames.scontrol" "$WORK/hostnames.ours" >&2 || die "hostlist expander disagrees with scontrol (left: scontrol)"
 say "hostlist expander agrees with scontrol show hostnames"
@@ -299,7 +299,7 @@ result = {"latest_checkpointed_iteration": tracker.read_text().strip() if tracke
           "files": {str(f.relative_to(root)): digest(torch.load(f, map_location="cpu", weights_only=True))
                     for f in files}}
 for meta in sorted(root.glob("iter_*/metadata.json")):  # torch_dist: every sharded tensor, whole
-    from megatron_hdpissa.dist_checkpoint import read_global_tensors
+    from megatron_hdpissa.checkpoint.dist import read_global_tensors
 
     result["files"][f"{meta.parent.name}/*.distcp"] = digest(read_global_tensors(meta.parent))
 out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core conversion, resharding and merged export."""

@@ -1,0 +1,1 @@
+"""SFT data, tokenizers and the packaged real material."""

@@ -1,0 +1,1 @@
+"""Plug-ins for other training frameworks (Megatron-LM)."""

@@ -1,0 +1,1 @@
+"""Launching: SLURM / torchrun environments to ranks, and the multi-node self-test."""

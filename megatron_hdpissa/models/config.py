@@ -1,0 +1,432 @@
+"""Model description: a serialisable `ModelConfig` read from a Hugging Face LLaMA / Mistral /
+Qwen2 / Qwen3 (dense) config, its megatron-core `TransformerConfig`, and `build_gpt_model` (local layer spec)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_CONFIG_FILE = "model_config.json"
+TP_FLAG = "--tensor-model-parallel-size"
+
+# HF model_type -> transformers config / causal-LM class names.
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+# Config fields that make a model a mixture of experts (no converter supports MoE).
+_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+# megatron-core hard-codes these llama3 RoPE-scaling constants.
+_MCORE_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """What megatron-core needs to rebuild a decoder-only model, and HF needs to get it back.
+    Saved as `model_config.json` next to checkpoints."""
+
+    model_type: str                 # "llama" | "mistral" | "qwen2" | "qwen3"
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int           # KV heads (GQA)
+    kv_channels: int                # head dim
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    norm_epsilon: float
+    tie_word_embeddings: bool
+    qkv_bias: bool = False          # Qwen2: biases on q, k, v only
+    rope_scaling_factor: float | None = None   # llama3-style RoPE scaling (megatron-core's constants)
+    sliding_window: int | None = None          # Mistral: attend to the last `sliding_window` tokens
+    qk_layernorm: bool = False      # Qwen3: RMSNorm over each q and k head (megatron-core qk_layernorm)
+    init_method_std: float = 0.02
+    hf_config: dict | None = None   # the source config.json, written back verbatim on export
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> "ModelConfig":
+        """From a transformers `PretrainedConfig`, a config dict, or an HF folder."""
+        if isinstance(hf_config, (str, os.PathLike)):
+            path = Path(hf_config)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise FileNotFoundError(f"no Hugging Face config.json at {path}")
+            hf_config = json.loads(path.read_text())
+        d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
+        model_type = d.get("model_type")
+        moe = {k: d[k] for k in _MOE_FIELDS if d.get(k)}
+        if moe or str(model_type).endswith("_moe"):
+            raise ValueError(
+                f"mixture-of-experts models are not supported (model_type={model_type!r}"
+                + "".join(f", {k}={v}" for k, v in moe.items()) + "); supported dense "
+                f"architectures: {sorted(ARCHITECTURES)}"
+            )
+        if model_type not in ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture model_type={model_type!r} "
+                f"(architectures={d.get('architectures')}); supported: {sorted(ARCHITECTURES)}"
+            )
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (SwiGLU/silu only)")
+        if d.get("mlp_bias"):
+            raise ValueError("mlp_bias=True is not supported")
+        if model_type in ("llama", "qwen3") and d.get("attention_bias"):
+            raise ValueError(f"attention_bias=True on a {model_type} config is not supported (it also "
+                             "puts a bias on o_proj, which megatron-core's add_qkv_bias does not cover)")
+        if d.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"pretraining_tp={d['pretraining_tp']} is not supported")
+        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            raise ValueError(f"{model_type} use_sliding_window=True (per-layer windows above "
+                             "max_window_layers) is not supported")
+        layer_types = d.get("layer_types") or []
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if model_type != "mistral" and other:
+            raise ValueError(f"layer_types with {other} entries (per-layer attention kinds) is not "
+                             "supported; every layer must be full_attention")
+        norm = d.get("norm_type") or d.get("normalization")
+        if norm not in (None, "rmsnorm", "RMSNorm", "rms_norm"):
+            raise ValueError(f"norm_type={norm!r} is not supported (RMSNorm only)")
+
+        heads = d["num_attention_heads"]
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_factor = None
+        if rope_type == "llama3":
+            for key, value in _MCORE_LLAMA3_ROPE.items():
+                if float(rope.get(key, value)) != value:
+                    raise ValueError(
+                        f"llama3 RoPE scaling with {key}={rope.get(key)} is not supported "
+                        f"(megatron-core fixes {key}={value})"
+                    )
+            rope_factor = float(rope["factor"])
+        elif rope_type != "default":
+            raise ValueError(f"RoPE scaling type {rope_type!r} is not supported")
+
+        return cls(
+            model_type=model_type,
+            num_layers=d["num_hidden_layers"],
+            hidden_size=d["hidden_size"],
+            ffn_hidden_size=d["intermediate_size"],
+            num_attention_heads=heads,
+            num_query_groups=d.get("num_key_value_heads") or heads,
+            kv_channels=d.get("head_dim") or d["hidden_size"] // heads,
+            vocab_size=d["vocab_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            rope_theta=float(rope_theta),
+            norm_epsilon=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=(model_type == "qwen2"),
+            qk_layernorm=(model_type == "qwen3"),
+            rope_scaling_factor=rope_factor,
+            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+            init_method_std=float(d.get("initializer_range", 0.02)),
+            hf_config=_jsonable(d),
+        )
+
+    def to_hf_config(self):
+        """The transformers config: the stored source config if any, else one built from fields."""
+        import transformers
+
+        config_cls = getattr(transformers, ARCHITECTURES[self.model_type][0])
+        if self.hf_config is not None:
+            return config_cls.from_dict(dict(self.hf_config))
+        kwargs = dict(
+            num_hidden_layers=self.num_layers, hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups, head_dim=self.kv_channels,
+            vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.norm_epsilon, tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu", initializer_range=self.init_method_std,
+            architectures=[ARCHITECTURES[self.model_type][1]],
+        )
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling_factor is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
+                    "factor": self.rope_scaling_factor, **_MCORE_LLAMA3_ROPE}
+        if self.model_type == "mistral":
+            kwargs["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen3":
+            kwargs["attention_bias"] = False
+        # transformers >= 5 reads rope_parameters; 4.x reads only rope_theta / rope_scaling and
+        # silently falls back to theta 10000 when given rope_parameters.
+        if _transformers_major() >= 5:
+            return config_cls(rope_parameters=rope, **kwargs)
+        if self.rope_scaling_factor is not None:
+            kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return config_cls(rope_theta=self.rope_theta, **kwargs)
+
+    # ---- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model-config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MODEL_CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ModelConfig":
+        """From `DIR/model_config.json` (a converted checkpoint) or a file path."""
+        path = Path(directory)
+        path = path / MODEL_CONFIG_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MODEL_CONFIG_FILE} at {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid model config: {e}") from e
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def hf_config_for_readers(hf_config: dict, rope_theta: float) -> dict:
+    """A config.json dict both transformers 4.x and 5.x read the same: transformers 5 nests RoPE
+    under `rope_parameters` (and still reads a top-level `rope_theta`); 4.x reads only the
+    top-level `rope_theta` / `rope_scaling` and silently uses theta 10000 otherwise."""
+    d = dict(hf_config)
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict):
+        d.setdefault("rope_theta", rope.get("rope_theta", rope_theta))
+        if rope.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
+            d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return d
+
+
+def _jsonable(d: dict) -> dict:
+    """Drop what json cannot hold (torch dtypes become their names)."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, torch.dtype):
+            value = str(value).removeprefix("torch.")
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        out[key] = value
+    return out
+
+
+def as_model_config(config: Any) -> ModelConfig:
+    """Accept a ModelConfig, an HF config / dict, an HF folder, or a converted checkpoint dir."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)) and (Path(config) / MODEL_CONFIG_FILE).is_file():
+        return ModelConfig.load(config)
+    if isinstance(config, dict) and "model_type" in config and "num_layers" in config:
+        return ModelConfig.from_dict(config)
+    return ModelConfig.from_hf(config)
+
+
+def valid_tp_sizes(config: ModelConfig, limit: int = 64) -> list[int]:
+    """Tensor-parallel sizes up to `limit` that divide heads, query groups, FFN and vocabulary."""
+    sizes = (config.num_attention_heads, config.num_query_groups, config.ffn_hidden_size,
+             config.vocab_size)
+    return [t for t in range(1, limit + 1) if all(size % t == 0 for size in sizes)]
+
+
+def validate_tp(config: ModelConfig, tp_size: int) -> None:
+    """Raise a ValueError naming the flag and the config value TP fails to divide. TP takes whole
+    query groups (no KV-head replication) and an unpadded vocabulary slice per rank."""
+    if tp_size < 1:
+        raise ValueError(f"{TP_FLAG} must be >= 1, got {tp_size}")
+    for name, value in (
+        ("num_attention_heads", config.num_attention_heads),
+        ("num_key_value_heads (query groups)", config.num_query_groups),
+        ("intermediate_size (FFN)", config.ffn_hidden_size),
+        ("vocab_size", config.vocab_size),
+    ):
+        if value % tp_size != 0:
+            raise ValueError(
+                f"{TP_FLAG} {tp_size} does not divide {name}={value} of this "
+                f"{config.model_type} model; valid sizes: {valid_tp_sizes(config)}"
+            )
+
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+def parallelism_overrides(
+    tp_size: int,
+    seq_length: int,
+    num_layers: int,
+    *,
+    pp_size: int = 1,
+    sequence_parallel: bool = False,
+    recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
+    recompute_num_layers: int | None = None,
+    recompute_modules: list[str] | None = None,
+) -> dict:
+    """`TransformerConfig` overrides for sequence parallelism and activation recompute, checked
+    up front so bad input fails naming Megatron-LM's flag rather than deep inside megatron-core."""
+    if sequence_parallel and tp_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it shards the "
+                         "sequence over the tensor-parallel group)")
+    if sequence_parallel and seq_length % tp_size:
+        raise ValueError(f"--sequence-parallel: --seq-length {seq_length} is not divisible by "
+                         f"--tensor-model-parallel-size {tp_size}")
+    out: dict = {"sequence_parallel": bool(sequence_parallel)}
+    if recompute_granularity is None:
+        if recompute_method is not None or recompute_num_layers is not None:
+            raise ValueError("--recompute-method / --recompute-num-layers need --recompute-granularity")
+        return out
+    if recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(f"--recompute-granularity {recompute_granularity!r}: choose from "
+                         f"{', '.join(RECOMPUTE_GRANULARITIES)}")
+    out["recompute_granularity"] = recompute_granularity
+    if recompute_granularity == "selective":
+        if recompute_method is not None or recompute_num_layers is not None:
+            raise ValueError("--recompute-granularity selective takes no --recompute-method or "
+                             "--recompute-num-layers (megatron-core recomputes the chosen submodules "
+                             "of every layer; pick them with --recompute-modules)")
+        if recompute_modules:
+            out["recompute_modules"] = list(recompute_modules)
+        return out
+    if recompute_method not in RECOMPUTE_METHODS:
+        raise ValueError(f"--recompute-granularity full needs --recompute-method "
+                         f"{' or '.join(RECOMPUTE_METHODS)}, got {recompute_method!r}")
+    layers_per_stage = num_layers // max(pp_size, 1)
+    n = 1 if recompute_num_layers is None else recompute_num_layers
+    if not 1 <= n <= layers_per_stage:
+        raise ValueError(f"--recompute-num-layers {n} must be between 1 and the {layers_per_stage} "
+                         f"layers of a pipeline stage")
+    out.update(recompute_method=recompute_method, recompute_num_layers=n)
+    return out
+
+
+def transformer_config(
+    config: ModelConfig, tp_size: int = 1, dtype: torch.dtype = torch.float32, **overrides
+):
+    """megatron-core `TransformerConfig` for `config` (local implementation, no fused kernels)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    validate_tp(config, tp_size)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
+    kwargs = dict(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups,
+        kv_channels=config.kv_channels,
+        tensor_model_parallel_size=tp_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=config.qkv_bias,
+        qk_layernorm=config.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=config.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # Fused kernels need apex / TE / CUDA; plain torch paths are exact and portable.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        window_size=(config.sliding_window - 1, 0) if config.sliding_window else None,
+    )
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    if "transformer_impl" in known:
+        kwargs["transformer_impl"] = "local"
+    kwargs.update(overrides)
+    unknown = set(kwargs) - known
+    if unknown:
+        raise TypeError(f"TransformerConfig has no fields {sorted(unknown)}")
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    config: Any,
+    tp_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    parallel_output: bool = True,
+    seed: int | None = 1234,
+    pre_process: bool = True,
+    post_process: bool = True,
+    **overrides,
+):
+    """A megatron-core `GPTModel` (local layer spec) for this rank's TP shard.
+
+    `config`: ModelConfig, HF config/dict/folder, or a converted checkpoint folder. `tp_size`
+    must match megatron-core's initialised TP group (defaults to it). `seed` seeds the
+    model-parallel RNG tracker first, as Megatron-LM does (None: the caller already did).
+    `parallel_output=False` gathers full-vocabulary logits. `overrides` go to TransformerConfig
+    (e.g. `sequence_parallel=True`, `recompute_granularity="full"`).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_hdpissa.models.compat import ensure_cpu_compat
+    from megatron_hdpissa.models.norms import needs_own_norm, sequence_parallel_block_spec
+
+    ensure_cpu_compat()
+    model_config = as_model_config(config)
+    group_tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if tp_size is None:
+        tp_size = group_tp
+    validate_tp(model_config, tp_size)
+    if tp_size != group_tp:
+        raise ValueError(
+            f"{TP_FLAG} {tp_size} differs from megatron-core's initialised tensor-parallel "
+            f"group size {group_tp}"
+        )
+    if seed is not None:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    tconfig = transformer_config(model_config, tp_size, dtype, **overrides)
+    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model_config.qk_layernorm)
+    if tconfig.sequence_parallel and needs_own_norm():
+        layer_spec = sequence_parallel_block_spec(layer_spec, tconfig)
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec,
+        vocab_size=model_config.vocab_size,
+        max_sequence_length=model_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=model_config.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=model_config.rope_theta,
+        rope_scaling=model_config.rope_scaling_factor is not None,
+        rope_scaling_factor=model_config.rope_scaling_factor or 8.0,
+    )

@@ -1,0 +1,1 @@
+"""Optimizers: per-rank AdamW on the factors, the delta aggregation into W, masters, clipping."""

@@ -1,0 +1,1 @@
+"""LoRA and PiSSA baselines: one adapter replicated over data-parallel ranks."""

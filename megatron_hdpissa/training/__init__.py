@@ -1,0 +1,1 @@
+"""The fine-tuning trainer: arguments, the recipe, one schedule step, monitoring, errors."""

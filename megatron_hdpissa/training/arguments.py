@@ -1,0 +1,206 @@
+"""The trainer's command line: Megatron-LM's flag names where they exist, plus the HD-PiSSA flags."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from megatron_hdpissa.peft.hd_pissa.config import DEFAULT_TARGET_MODULES, SVD_METHODS, HDPiSSAConfig
+
+PEFT_METHODS = ("hd-pissa", "pissa", "lora", "full")
+
+
+def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The HD-PiSSA flags; also usable as (part of) a Megatron-LM `extra_args_provider`."""
+    g = parser.add_argument_group("HD-PiSSA")
+    g.add_argument("--peft", choices=PEFT_METHODS, default="hd-pissa",
+                   help="hd-pissa (default), or the data-parallel baselines pissa / lora / full")
+    g.add_argument("--hd-pissa-rank", type=int, default=16, help="per-rank adapter rank r")
+    g.add_argument("--hd-pissa-alpha", type=float, default=None,
+                   help="scale numerator: s = alpha / r (default alpha = r, s = 1)")
+    g.add_argument("--hd-pissa-target-modules", default=",".join(DEFAULT_TARGET_MODULES),
+                   help="comma-separated module-name suffixes, or re:<regex>")
+    g.add_argument("--hd-pissa-svd", choices=SVD_METHODS, default="exact")
+    g.add_argument("--hd-pissa-svd-oversampling", type=int, default=None,
+                   help="randomized SVD: extra sketch columns (default K*r, i.e. q = 2Kr)")
+    g.add_argument("--hd-pissa-svd-niter", type=int, default=4, help="randomized SVD power iterations")
+    g.add_argument("--hd-pissa-fused-decomposition", action="store_true",
+                   help="decompose fused linear_qkv / linear_fc1 as one matrix each")
+    g.add_argument("--hd-pissa-virtual-ranks", type=int, default=1,
+                   help="slices per process: K = data-parallel size x this")
+    g.add_argument("--hd-pissa-update-factors", action="store_true",
+                   help="let the factors move (A <- A - dA) instead of resetting every step")
+    g.add_argument("--hd-pissa-trainable-modules", default="",
+                   help="other parameters to train data-parallel (e.g. re:.*layernorm.*)")
+    g.add_argument("--hd-pissa-master-weights", default="auto",
+                   choices=["auto", "fp32-base", "sharded-fp32", "compensated-bf16", "none"],
+                   help="where updates accumulate; auto: fp32-base for fp32 weights, sharded-fp32 with --bf16")
+    g.add_argument("--hd-pissa-aggregation", default="auto", choices=["auto", "factors", "dense"],
+                   help="per layer: all-gather the deltas (factors) or all-reduce the dense update; auto: smaller")
+    g.add_argument("--hd-pissa-bucket-size", type=int, default=1 << 24, help="elements per communication bucket")
+    g.add_argument("--hd-pissa-check-interval", type=int, default=50,
+                   help="verify identical weights on all DP ranks every N steps (0: never)")
+    g.add_argument("--hd-pissa-ddp", choices=["megatron", "builtin"], default="megatron",
+                   help="gradient reduction: megatron-core's DistributedDataParallel (factors kept "
+                        "out of the DP all-reduce) or the optimizer's own all-reduce")
+    g.add_argument("--hd-pissa-others-optimizer", choices=["auto", "megatron", "builtin"], default="auto",
+                   help="optimizer of ordinary trainable parameters (--hd-pissa-trainable-modules) under "
+                        "megatron DDP: megatron-core's get_megatron_optimizer, or the built-in AdamW; "
+                        "auto: megatron-core's where it can run (CUDA, or fp32 parameters)")
+    return parser
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM's flag names where they exist."""
+    g = parser.add_argument_group("model and parallelism")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="converted base checkpoint (tools/convert_hf_to_megatron.py)")
+    g.add_argument("--load", default=None, help="resume from this training checkpoint folder "
+                   "(if it holds one); otherwise it is used as the base checkpoint")
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
+                   help="training checkpoint format (Megatron-LM's names). torch_dist: megatron-core "
+                        "dist_checkpointing, resumes at any TP / PP with the same K = DP x virtual ranks. "
+                        "torch: legacy per-rank mp_rank_XX files, resumes at the same layout only")
+    g.add_argument("--async-save", action="store_true",
+                   help="Megatron-LM's asynchronous torch_dist save: refused here (see dist_checkpoint.py)")
+    g.add_argument("--exit-interval", type=int, default=0, help="exit after this many iterations")
+    g.add_argument("--export-hf", default=None, help="write the merged model here (HF safetensors)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages; must divide the number of layers")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard activations outside the TP regions over the sequence (needs TP > 1)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="*", default=None,
+                   help="selective recompute: the submodules to recompute (megatron-core's names)")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", required=True, help="training JSONL")
+    g.add_argument("--valid-data-path", default=None, help="held-out JSONL")
+    g.add_argument("--prompt-field", default="question")
+    g.add_argument("--response-field", default="answer")
+    g.add_argument("--input-field", default=None)
+    g.add_argument("--prompt-template", default="alpaca", help="alpaca | chat | a string with {prompt}")
+    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
+                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer"])
+    g.add_argument("--tokenizer-model", default=None,
+                   help="HF tokenizer folder or SentencePiece .model (default: the checkpoint's tokenizer/)")
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--pack", action="store_true", help="pack several examples per sequence")
+    g.add_argument("--pad-to-max-length", action="store_true",
+                   help="pad every micro-batch to --seq-length (default: to its longest sequence)")
+    g.add_argument("--pad-multiple", type=int, default=8,
+                   help="round each micro-batch's length up to a multiple of this (made a multiple "
+                        "of TP under --sequence-parallel)")
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--lr", type=float, default=2e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient L2 norm (all ranks' HD-PiSSA factors and the "
+                        "averaged other parameters) to this; 0 disables")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="megatron DDP: all-reduce gradient buckets during the backward pass")
+    g = parser.add_argument_group("mixed precision (--fp16 loss scaling, Megatron-LM's flags)")
+    g.add_argument("--loss-scale", type=float, default=None, help="constant loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g = parser.add_argument_group("optimization (continued)")
+    g.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",
+                   help="a NaN/inf loss on any rank: stop (default, after saving nothing) or skip the step on all ranks")
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=0, help="micro-batches per rank per evaluation (0: all)")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--log-json", default=None, help="append one JSON line per logged step here")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Megatron-style supervised fine-tuning with HD-PiSSA "
+                                     "(or LoRA / PiSSA / full baselines).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_args(parser)
+    add_hd_pissa_args(parser)
+    args = parser.parse_args(argv)
+    if args.fp16 and args.bf16:
+        parser.error("give at most one of --fp16 and --bf16")
+    if args.fp16 and args.peft != "hd-pissa":
+        parser.error(f"--fp16 (loss scaling) is implemented for --peft hd-pissa only; use --bf16 with --peft {args.peft}")
+    if args.clip_grad < 0:
+        parser.error(f"--clip-grad must be >= 0 (0 disables clipping), got {args.clip_grad}")
+    if args.pipeline_model_parallel_size < 1:
+        parser.error(f"--pipeline-model-parallel-size must be >= 1, got {args.pipeline_model_parallel_size}")
+    if args.pad_multiple < 1:
+        parser.error(f"--pad-multiple must be >= 1, got {args.pad_multiple}")
+    if (args.train_iters is None) == (args.epochs is None):
+        parser.error("give exactly one of --train-iters and --epochs")
+    if not args.pretrained_checkpoint and not args.load:
+        parser.error("give --pretrained-checkpoint (a converted base) or --load")
+    if args.async_save:
+        parser.error("--async-save is not supported: megatron-core's asynchronous torch_dist writer starts a "
+                     "spawn-context Manager and forks writer processes, which hangs under launchers that set up "
+                     "the process group on import (see megatron_hdpissa/dist_checkpoint.py); checkpoints are "
+                     "written synchronously, atomically")
+    if args.peft != "hd-pissa" and args.hd_pissa_virtual_ranks != 1:
+        parser.error("--hd-pissa-virtual-ranks only applies to --peft hd-pissa")
+    return args
+
+
+def hd_pissa_config(args) -> HDPiSSAConfig:
+    return HDPiSSAConfig(
+        rank=args.hd_pissa_rank, alpha=args.hd_pissa_alpha, target_modules=args.hd_pissa_target_modules,
+        fused_decomposition=args.hd_pissa_fused_decomposition, svd_method=args.hd_pissa_svd,
+        svd_oversampling=args.hd_pissa_svd_oversampling, svd_niter=args.hd_pissa_svd_niter,
+        virtual_ranks=args.hd_pissa_virtual_ranks, update_factors=args.hd_pissa_update_factors,
+        trainable_modules=args.hd_pissa_trainable_modules,
+        consistency_check_interval=args.hd_pissa_check_interval, seed=args.seed,
+        master_weights=args.hd_pissa_master_weights, aggregation=args.hd_pissa_aggregation,
+        bucket_size=args.hd_pissa_bucket_size,
+    )
+
+
+def effective_pad_multiple(args) -> int:
+    """--pad-multiple, raised to a multiple of TP under --sequence-parallel (each TP rank holds
+    an equal slice of the sequence)."""
+    m, tp = args.pad_multiple, args.tensor_model_parallel_size
+    if args.sequence_parallel and m % tp:
+        m = m * tp // math.gcd(m, tp)
+    return m
+
+
+def grad_scaler(args):
+    """megatron-core's loss scaler for --fp16 (constant with --loss-scale, else dynamic)."""
+    if not args.fp16:
+        return None
+    from megatron_hdpissa.models.compat import ensure_cpu_compat
+
+    ensure_cpu_compat()  # its scale tensors are created on 'cuda' literally
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+    if args.loss_scale:
+        return ConstantGradScaler(args.loss_scale)
+    return DynamicGradScaler(initial_scale=args.initial_loss_scale, min_scale=args.min_loss_scale,
+                             growth_factor=2.0, backoff_factor=0.5, growth_interval=args.loss_scale_window,
+                             hysteresis=args.hysteresis)
+
+

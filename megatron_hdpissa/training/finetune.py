@@ -1,0 +1,325 @@
+"""Megatron-style supervised fine-tuning with HD-PiSSA (or LoRA / PiSSA / full baselines).
+
+A recipe that reads top to bottom: `setup` (process groups, base model, adapters, optimizer,
+data), `train_step` (every local slice's micro-batches through megatron-core's pipeline schedule,
+then the aggregating optimizer step), `evaluate`, `save`, and `main` calling them.
+
+    torchrun --nproc-per-node 2 -m megatron_hdpissa.finetune \
+        --pretrained-checkpoint ckpt/smollm2-tp1 --data-path train.jsonl \
+        --valid-data-path heldout.jsonl --hd-pissa-rank 16 --micro-batch-size 2 \
+        --global-batch-size 16 --seq-length 512 --lr 2e-5 --train-iters 100 --save out
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_hdpissa.checkpoint import training_state as checkpointing
+from megatron_hdpissa.distributed import groups as distributed
+from megatron_hdpissa.training import step as training
+from megatron_hdpissa.training.arguments import (PEFT_METHODS, add_hd_pissa_args, add_training_args, effective_pad_multiple,  # noqa: F401
+                        grad_scaler, hd_pissa_config, parse_args)
+from megatron_hdpissa.convert.export import export_merged_hf  # noqa: F401
+from megatron_hdpissa.training.monitoring import Logger, StopSignal
+from megatron_hdpissa.training.step import lr_at, micro_batch_loss  # noqa: F401
+
+
+def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class FinetuneRecipe:
+    """One fine-tuning run. `setup()`, then `train()` (calls `train_step`, `evaluate`, `save`)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.results: dict = {}
+
+    def log(self, msg: str) -> None:
+        if self.rank0:
+            print(msg, flush=True)
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        args = self.args
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        self.check_layout()
+        self.groups = g = distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        if (g.tp_size, g.pp_size) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
+            raise ValueError(f"megatron-core is initialised with TP={g.tp_size}, PP={g.pp_size}, but the flags "
+                             f"ask for --tensor-model-parallel-size {args.tensor_model_parallel_size} "
+                             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.rank0 = dist.get_rank() == 0
+        if not self.rank0:  # data warnings (truncation counts) once, from rank 0
+            logging.getLogger("megatron_hdpissa").setLevel(logging.ERROR)
+        self.setup_model()
+        self.setup_adapters()
+        self.setup_data()
+        self.resume()
+
+    def check_layout(self) -> None:
+        """Before any process group: the base checkpoint exists and the pipeline splits its layers."""
+        from megatron_hdpissa.models.config import ModelConfig
+
+        args = self.args
+        self.resuming = bool(args.load) and checkpointing.is_training_checkpoint(args.load)
+        self.base_dir = Path(args.load if (self.resuming or not args.pretrained_checkpoint) else args.pretrained_checkpoint)
+        if not self.base_dir.is_dir():
+            raise FileNotFoundError(f"--pretrained-checkpoint/--load {self.base_dir} does not exist")
+        layers, pp = ModelConfig.load(self.base_dir).num_layers, args.pipeline_model_parallel_size
+        if layers % pp:
+            raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the {layers} layers of this "
+                             f"model (valid: {[p for p in range(1, layers + 1) if layers % p == 0]})")
+
+    def setup_model(self) -> None:
+        from megatron_hdpissa.convert.hf_megatron import TOKENIZER_DIR, load_megatron_checkpoint
+        from megatron_hdpissa.models.config import ModelConfig, build_gpt_model, parallelism_overrides
+        from megatron_hdpissa.data.tokenizer import build_tokenizer, check_vocab_fits
+
+        args, g = self.args, self.groups
+        model_config = ModelConfig.load(self.base_dir)
+        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or str(self.base_dir / TOKENIZER_DIR))
+        check_vocab_fits(self.tokenizer, model_config.vocab_size)
+        overrides = parallelism_overrides(
+            g.tp_size, args.seq_length, model_config.num_layers, pp_size=g.pp_size,
+            sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
+            recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
+            recompute_modules=args.recompute_modules)
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        if g.pp_size > 1:
+            overrides.update(pipeline_model_parallel_size=g.pp_size, pipeline_dtype=dtype)
+        self.model = build_gpt_model(model_config, dtype=dtype, seed=args.seed, pre_process=g.is_first_stage,
+                                     post_process=g.is_last_stage, **overrides)
+        load_megatron_checkpoint(self.model, self.base_dir)  # this rank's TP shard and stage
+        self.model.to(self.device)
+        self.log(f"loaded {'training checkpoint' if self.resuming else 'base'} {self.base_dir} (TP={g.tp_size}, "
+                 f"PP={g.pp_size}, DP={g.dp_size}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M "
+                 f"parameters on this rank)")
+
+    def setup_adapters(self) -> None:
+        from megatron_hdpissa import apply_hd_pissa
+        from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW, apply_lowrank
+        from megatron_hdpissa.optimizer.hd_pissa import HDPiSSAOptimizer
+
+        args, g, model = self.args, self.groups, self.model
+        self.cfg = cfg = hd_pissa_config(args)
+        t0 = time.time()
+        adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                    weight_decay=args.weight_decay)
+        progress = self.rank0 and not args.no_progress
+        self.train_model, self.ddp = model, None  # what the micro-batches run through
+        if args.peft == "hd-pissa":
+            apply_hd_pissa(model, cfg, g, progress=progress, decompose=not self.resuming)
+            if args.hd_pissa_ddp == "megatron":
+                from megatron_hdpissa.distributed.ddp import wrap_ddp
+
+                self.train_model = self.ddp = wrap_ddp(model, overlap_grad_reduce=args.overlap_grad_reduce)
+            others = args.hd_pissa_others_optimizer if args.hd_pissa_ddp == "megatron" else "builtin"
+            self.optimizer = HDPiSSAOptimizer(self.train_model, groups=g, clip_grad=args.clip_grad,
+                                              grad_scaler=grad_scaler(args), others_optimizer=others, **adam)
+        else:
+            if args.peft in ("lora", "pissa"):
+                apply_lowrank(model, cfg, args.peft, g, progress=progress, decompose=not self.resuming)
+            else:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+            self.optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=g,
+                                               clip_grad=args.clip_grad, **adam)
+        training.configure_schedule(self.train_model, self.optimizer, g, self.ddp,
+                                    variable_seq_lengths=not args.pad_to_max_length)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.log(f"--peft {args.peft}: {trainable / 1e6:.3f}M trainable parameters per rank, set-up "
+                 f"{time.time() - t0:.1f}s" + (f", K = {g.dp_size * cfg.virtual_ranks} slices of rank {cfg.rank}, "
+                                              f"s = {cfg.scale:g}" if args.peft == "hd-pissa" else ""))
+
+    def setup_data(self) -> None:
+        """Every slice (DP rank x virtual rank) reads its own shard of each epoch; every pipeline
+        stage of a DP rank reads the same micro-batches."""
+        from megatron_hdpissa.data.sft import SFTBatchIterator, SFTDataset
+
+        args, g = self.args, self.groups
+        self.slices = self.cfg.virtual_ranks if args.peft == "hd-pissa" else 1
+        shards = g.dp_size * self.slices
+        self.global_batch = args.global_batch_size or args.micro_batch_size * shards
+        if self.global_batch % (args.micro_batch_size * shards):
+            raise ValueError(f"--global-batch-size {self.global_batch} is not a multiple of --micro-batch-size "
+                             f"{args.micro_batch_size} x {g.dp_size} data-parallel ranks x {self.slices} virtual ranks")
+        self.micro_per_slice = self.global_batch // (args.micro_batch_size * shards)
+        fields = dict(prompt_field=args.prompt_field, response_field=args.response_field,
+                      input_field=args.input_field, template=args.prompt_template)
+        pad = dict(pack=args.pack, pad_to_max_length=args.pad_to_max_length, pad_multiple=effective_pad_multiple(args))
+        train_ds = SFTDataset.from_jsonl(args.data_path, self.tokenizer, args.seq_length, **fields)
+        self.valid_batches = None
+        if args.valid_data_path:
+            valid_ds = SFTDataset.from_jsonl(args.valid_data_path, self.tokenizer, args.seq_length, **fields)
+            it = SFTBatchIterator(valid_ds, args.micro_batch_size, num_shards=g.dp_size, shard_index=g.dp_rank,
+                                  shuffle=False, drop_last=False, num_epochs=1, **pad)
+            self.valid_batches = list(itertools.islice(it, args.eval_iters or None))
+        self.iterators = [SFTBatchIterator(train_ds, args.micro_batch_size, num_shards=shards,
+                                           shard_index=g.dp_rank * self.slices + v, seed=args.seed, **pad)
+                          for v in range(self.slices)]
+        self.train_iters = args.train_iters if args.train_iters is not None else max(
+            1, int(args.epochs * self.iterators[0].batches_in_epoch(0) / self.micro_per_slice))
+        self.log(f"data: {len(train_ds)} training examples ({train_ds.num_truncated} truncated), global batch "
+                 f"{self.global_batch} = {self.micro_per_slice} micro-batches x {args.micro_batch_size} x {shards} "
+                 f"slices; {self.train_iters} iterations")
+
+    def resume(self) -> None:
+        args, g, cfg = self.args, self.groups, self.cfg
+        self.iteration = 0
+        self.meta = {"peft": args.peft, "dp_size": g.dp_size, "tp_size": g.tp_size, "pp_size": g.pp_size,
+                     "virtual_ranks": self.slices, "rank": cfg.rank, "config": cfg.to_dict(),
+                     "args": {k: v for k, v in vars(args).items()}}
+        if not self.resuming:
+            return
+        from megatron_hdpissa.convert.hf_megatron import checkpoint_format, read_checkpoint_info
+
+        if checkpoint_format(args.load) == "torch_dist":  # any TP / PP, the same K
+            from megatron_hdpissa.checkpoint import training_state_dist
+
+            training_state_dist.check_compatible(checkpointing.read_meta(args.load), self.meta, args.load)
+            note = training_state_dist.load(self, read_checkpoint_info(args.load).iter_dir)
+            self.log(f"resumed at iteration {self.iteration} from {args.load} (torch_dist; {note})")
+            return
+        checkpointing.check_resume_compatible(checkpointing.read_meta(args.load), self.meta, args.load)
+        state = checkpointing.load_rank_state(args.load, g)
+        checkpointing.load_adapter_params(self.model, state["adapter"], args.load)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if args.peft == "hd-pissa":
+            self.optimizer.refresh_gathered_factors()
+        for it_, st in zip(self.iterators, state["data"]):
+            it_.load_state_dict(st)
+        checkpointing.set_rng_state(state["rng"])
+        self.iteration = int(state["iteration"])
+        self.log(f"resumed at iteration {self.iteration} from {args.load}")
+
+    # ---- one step, evaluation, checkpoint ------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimizer step: the schedule over every slice's micro-batches, then the step."""
+        args, opt = self.args, self.optimizer
+        self.lr = lr_at(self.iteration, args, self.train_iters)
+        for group in opt.param_groups:
+            group["lr"] = self.lr
+        step_loss = training.forward_backward(
+            self.train_model, self.model, self.iterators, self.micro_per_slice, args.seq_length,
+            args.micro_batch_size, self.groups, self.device, self.slices, self.ddp)
+        finite = _all_reduce(torch.tensor([1.0 if math.isfinite(step_loss[0].item()) else 0.0]), op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            if args.nonfinite_loss == "stop":
+                raise FloatingPointError(f"non-finite loss at iteration {self.iteration + 1} on some rank "
+                                         "(--nonfinite-loss stop); the weights of the last checkpoint are intact")
+            self.log(f"iteration {self.iteration + 1}: non-finite loss on some rank, step skipped on all ranks "
+                     "(--nonfinite-loss skip)")
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.iteration += 1
+        _all_reduce(step_loss, self.groups.dp_group)
+        return float(step_loss[0] / step_loss[1])
+
+    def evaluate(self) -> float:
+        """Mean token loss over the whole held-out set (each DP rank a shard, summed over DP)."""
+        return training.evaluate_batches(self.train_model, self.valid_batches, self.args.seq_length,
+                                         self.args.micro_batch_size, self.groups, self.device)
+
+    def save(self) -> None:
+        if self.args.ckpt_format == "torch_dist":
+            from megatron_hdpissa.checkpoint import training_state_dist
+
+            path = checkpointing.save_dist_training_checkpoint(
+                self.args.save, self.meta, lambda write: training_state_dist.save(self, self.args.save, write),
+                base_dir=str(self.base_dir))
+            self.log(f"saved checkpoint {path} (torch_dist)")
+            return
+        rank_state = {"optimizer": self.optimizer.state_dict(), "data": [i.state_dict() for i in self.iterators],
+                      "rng": checkpointing.rng_state(), "iteration": self.iteration}
+        path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, rank_state, self.meta,
+                                             self.groups, base_dir=str(self.base_dir))
+        self.log(f"saved checkpoint {path}")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Steps until --train-iters, with logging, evaluation, interval checkpoints, and an
+        early exit (--exit-interval, SIGTERM) that saves first."""
+        args, r = self.args, self.results
+        r.update(iterations=self.train_iters, start=self.iteration,
+                 others_optimizer=type(getattr(self.optimizer, "others_optimizer", None)).__name__)
+        self.logger = Logger(args, self.train_iters, self.iteration)
+        try:
+            if self.valid_batches is not None:
+                r["valid_loss_before"] = self._evaluate_and_log("held-out loss at iteration")
+            stop, self.last_log = StopSignal(), time.time()
+            self.model.train()
+            while self.iteration < self.train_iters:
+                r["train_loss"] = self.train_step()
+                self._log_step(r["train_loss"])
+                it, more = self.iteration, self.iteration < self.train_iters
+                if self.valid_batches is not None and args.eval_interval and it % args.eval_interval == 0 and more:
+                    self._evaluate_and_log("held-out loss at iteration")
+                saved = bool(args.save and args.save_interval and it % args.save_interval == 0 and more)
+                if saved:
+                    self.save()
+                exiting = args.exit_interval and it % args.exit_interval == 0 and more
+                if exiting or stop.agreed():
+                    self.logger.print(f"--exit-interval {args.exit_interval}: exiting at iteration {it}" if exiting
+                                      else f"stop requested: saving at iteration {it} and exiting")
+                    if args.save and not saved:
+                        self.save()
+                    r["exited_at"] = it
+                    return r
+            if hasattr(self.optimizer, "finish_param_gather"):  # sharded masters: the last step's gather
+                self.optimizer.finish_param_gather()
+            if self.valid_batches is not None:
+                r["valid_loss_after"] = self._evaluate_and_log("held-out loss at iteration")
+        finally:
+            self.logger.close()
+        return r
+
+    def _evaluate_and_log(self, what: str) -> float:
+        loss = self.evaluate()
+        self.logger.scalars(self.iteration, valid_loss=loss)
+        self.logger.print(f"{what} {self.iteration}: {loss:.4f}")
+        return loss
+
+    def _log_step(self, loss: float) -> None:
+        args, it = self.args, self.iteration
+        if it % args.log_interval == 0 or it == self.train_iters:
+            now = time.time()
+            tps = self.global_batch * args.seq_length * args.log_interval / max(now - self.last_log, 1e-9)
+            self.last_log = now
+            self.logger.log_step(it, self.train_iters, loss, self.lr, tps, self.optimizer)
+        self.logger.step({"loss": f"{loss:.3f}"})
+
+def main(argv=None) -> dict:
+    recipe = FinetuneRecipe(parse_args(argv))
+    recipe.setup()
+    results = recipe.train()
+    if "exited_at" in results:
+        return results
+    if recipe.args.save:
+        recipe.save()
+    if recipe.args.export_hf:
+        export_merged_hf(recipe.model, recipe.groups, recipe.base_dir, recipe.args.export_hf, recipe.args.peft,
+                         recipe.log)
+    return results
+
+
+def cli(argv=None) -> None:
+    from megatron_hdpissa.training.errors import run_cli
+
+    run_cli(main, argv, distributed.shutdown, parse=parse_args)
+
+
+if __name__ == "__main__":
+    cli()
