@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
     from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
     from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
-    from tests.dist_utils import run_distributed
+    from tests.helpers.distributed import run_distributed
 
     work = Path(args.work_dir or cache_dir() / "bench_checkpoint")
     hf = smollm2_hf_dir(num_layers=args.num_layers)

@@ -7,7 +7,7 @@
 #
 # Stages, each under its own `timeout` and all inside GPU_CHECK_BUDGET seconds (default 480);
 # a failed stage does not stop the next one:
-#   tests      pytest -x on tests/test_cuda.py and any test named or marked for cuda/gpu/nccl:
+#   tests      pytest -x on tests/device/test_cuda.py and any test named or marked for cuda/gpu/nccl:
 #              NCCL, megatron-core DDP and its mixed-precision optimizer on the GPU
 #   step       bench_step.py at LLaMA-7B layer shapes, bf16, one layer, 8192 tokens per step
 #   decompose  bench_decompose.py at LLaMA-7B shapes: randomized vs exact speed-up, subspace error
@@ -139,7 +139,7 @@ helptext() { "$PY" "benchmarks/$1.py" --help >"$WORK/$1.help" 2>&1; }
 
 # ---- stages ---------------------------------------------------------------------------------
 TEST_FILES=()
-for f in tests/test_equivalence.py tests/test_master_weights.py tests/test_ddp.py; do
+for f in tests/peft/test_hd_pissa_layer.py tests/optimizer/test_master_weights.py tests/distributed/test_ddp.py; do
     [ -f "$f" ] && TEST_FILES+=("$f")
 done
 # tests elsewhere marked or named for cuda/gpu (or skipped without CUDA), found without importing
@@ -147,7 +147,7 @@ mapfile -t CUDA_NODES < <("$PY" - "${TEST_FILES[@]}" <<'EOF'
 import ast, glob, re, sys
 skip = set(sys.argv[1:])
 pat = re.compile(r"cuda|gpu|nccl", re.I)
-for path in sorted(glob.glob("tests/test_*.py")):
+for path in sorted(glob.glob("tests/**/test_*.py", recursive=True)):
     if path in skip:
         continue
     try:
@@ -194,7 +194,7 @@ else
     CAP_TESTS=100 CAP_STEP=180 CAP_DEC=120 CAP_DIST=160
 fi
 
-stage_tests() {  # the GPU tests (tests/test_cuda.py and any test named/marked for cuda), CUDA visible
+stage_tests() {  # the GPU tests (tests/device/test_cuda.py and any test named/marked for cuda), CUDA visible
     if [ ${#CUDA_NODES[@]} -eq 0 ]; then
         printf 'tests\tskipped (no cuda tests)\t0\t-\n' >>"$WORK/stages.tsv"; return
     fi
