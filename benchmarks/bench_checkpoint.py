@@ -92,7 +92,8 @@ def worker(base: str, data: str, work: str, args) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
     from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
     from tests.helpers.distributed import run_distributed
 

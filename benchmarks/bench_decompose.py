@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -186,19 +184,13 @@ def main(argv=None):
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    from benchmarks.common.machine import cpu_name
+    from benchmarks.common.runner import command_line
+    from benchmarks.common.timing import device_sync
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    exe = sys.executable
-    exe = os.path.relpath(exe, os.getcwd()) if exe.startswith(os.getcwd()) else exe
-    command = " ".join(shlex.quote(a) for a in [exe, os.path.relpath(os.path.abspath(__file__), os.getcwd()), *argv])
+    sync = device_sync(cuda)
+    cpu = cpu_name()
+    command = command_line(__file__, argv)
     machine = (f"{cpu}, {os.cpu_count()} logical cores, 1-min load {os.getloadavg()[0]:.1f} at start, "
                f"torch threads {args.threads}, torch {torch.__version__}, device {args.device}"
                + (f" ({torch.cuda.get_device_name(0)})" if cuda else ""))

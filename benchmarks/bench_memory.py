@@ -102,7 +102,7 @@ def _model_config(shape: str, seq: int):
 
 def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: int) -> dict:
     from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
-    from megatron_hdpissa.models.config import build_gpt_model
+    from megatron_hdpissa.models.gpt import build_gpt_model
 
     config = _model_config(shape, seq)
     overrides = {"sequence_parallel": sp, **RECOMPUTE[recompute]}
@@ -113,9 +113,9 @@ def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: i
     if method == "hd-pissa":
         apply_hd_pissa(model, cfg, progress=False)
     elif method == "lora":
-        from megatron_hdpissa import apply_lowrank
+        from megatron_hdpissa import LowRankConfig, apply_lowrank
 
-        apply_lowrank(model, cfg, "lora", progress=False)
+        apply_lowrank(model, LowRankConfig("lora", rank=cfg.rank, svd_method=cfg.svd_method), progress=False)
     # the frozen floor and HD-PiSSA alike: gradients flow from the first block's input on
     model.embedding.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     gen = torch.Generator().manual_seed(0)

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_trainer.py                      # full 30-layer SmolLM2, ~5-10 min
     .venv/bin/python benchmarks/bench_trainer.py --num-layers 2 --steps 1   # a dry run, ~1 min
 
-Each mode is one `torchrun --nproc-per-node 2 -m megatron_hdpissa.finetune` run (gloo, fp32,
-HD-PiSSA, the same seed and data) that differs only in its data flags:
+Each mode is one `torchrun --nproc-per-node 2` run of the trainer (gloo, fp32, HD-PiSSA, the same
+seed and data) that differs only in its data flags:
 
     padded     --pad-to-max-length    every micro-batch padded to --seq-length (the old behaviour)
     variable   (the default)          each micro-batch padded to its longest sequence, rounded up
@@ -17,12 +17,12 @@ HD-PiSSA, the same seed and data) that differs only in its data flags:
                a step costs that does not scale with the tokens (optimizer, aggregation,
                per-micro-batch overheads), the bound on what shorter batches can save
 
-The trainer runs unchanged. Each rank is started through this file (`--worker`), which times
-the trainer from the data side: a step starts when the trainer asks the data iterator for its
-first micro-batch of the step, so the time between two such requests is one whole step
-(forward, backward, optimizer, aggregation, logging). The worker also records each
-micro-batch's shape and real tokens. The first `--warmup` steps are not timed; one extra step
-at the end closes the last timed one.
+Each rank is started through this file (`--worker`), which sets up the trainer's recipe
+(`FinetuneRecipe`) unchanged and wraps its data iterators: a step starts when the trainer asks
+for its first micro-batch of the step, so the time between two such requests is one whole step
+(forward, backward, optimizer, aggregation, logging). The wrapper also records each
+micro-batch's shape and real tokens. The first `--warmup` steps are not timed; one extra step at
+the end closes the last timed one.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,8 +37,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))
+
+from benchmarks.trainer_report import FLOOR_EXAMPLES, combine, render, summarise_mode  # noqa: E402
 
 MODES = {
     "padded": ["--pad-to-max-length"],
@@ -48,55 +48,57 @@ MODES = {
     "balanced": [],
     "floor": ["--pad-to-max-length", "--seq-length", "16", "--prompt-template", "{prompt}"],
 }
-FLOOR_EXAMPLES = 256
 TIMINGS_ENV = "BENCH_TRAINER_TIMINGS"  # the worker's output file, per rank
 FORCE_PAD_ENV = "BENCH_TRAINER_FORCE_PAD"  # set by --force-padding-hook: see there
 BALANCE_ENV = "BENCH_TRAINER_BALANCE"  # the balanced mode's balance_window
 
 
 # ---- the worker: one rank of the trainer, timed at the data iterator ------------------------
-def run_worker(argv: list[str]) -> None:
-    import atexit
+class TimedBatches:
+    """A data iterator of the trainer, recording for every micro-batch when it was asked for
+    (wall, CPU), the shard, the batch shape, its real positions and supervised tokens."""
 
-    from megatron_hdpissa.data import sft as data
+    def __init__(self, inner, records: list):
+        self.inner, self.records = inner, records
 
-    records: list[list] = []
-    original_next = data.SFTBatchIterator.__next__
-    original_init = data.SFTBatchIterator.__init__
+    def __iter__(self):
+        return self
 
-    def timed_next(self):
+    def __next__(self):
+        import torch
+
         wall, cpu = time.perf_counter(), time.process_time()
-        batch = original_next(self)
+        batch = next(self.inner)
         mask = batch["loss_mask"] > 0
-        ends = (mask * data.torch.arange(1, mask.shape[1] + 1)).max(dim=1).values  # real positions
-        records.append([wall, cpu, self.shard_index, list(batch["tokens"].shape), int(ends.sum()),
-                        int(mask.sum())])
+        ends = (mask * torch.arange(1, mask.shape[1] + 1)).max(dim=1).values  # real positions
+        self.records.append([wall, cpu, self.inner.shard_index, list(batch["tokens"].shape), int(ends.sum()),
+                             int(mask.sum())])
         return batch
 
-    force_pad, balance = os.environ.get(FORCE_PAD_ENV) == "1", int(os.environ.get(BALANCE_ENV, "1"))
+    def __getattr__(self, name):  # state_dict, batches_in_epoch, ...: the wrapped iterator's
+        return getattr(self.inner, name)
 
-    def patched_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        if force_pad:
-            self.pad_to_max_length = True
-        if self.shuffle:  # the training iterators, not an evaluation pass
-            self.balance_window = balance
 
-    data.SFTBatchIterator.__next__ = timed_next
-    data.SFTBatchIterator.__init__ = patched_init
+def run_worker(argv: list[str]) -> None:
+    from megatron_hdpissa.distributed.groups import shutdown
+    from megatron_hdpissa.training.arguments import parse_args as trainer_args
+    from megatron_hdpissa.training.finetune import FinetuneRecipe
 
-    def dump():
+    records: list[list] = []
+    recipe = FinetuneRecipe(trainer_args(argv))
+    recipe.setup()
+    for it in recipe.iterators:  # the training iterators, before their first batch
+        if os.environ.get(FORCE_PAD_ENV) == "1":
+            it.pad_to_max_length = True
+        it.balance_window = int(os.environ.get(BALANCE_ENV, "1"))
+    recipe.iterators = [TimedBatches(it, records) for it in recipe.iterators]
+    try:
+        recipe.train()
+    finally:
         path = os.environ[TIMINGS_ENV].replace("RANK", os.environ.get("RANK", "0"))
         with open(path, "w") as f:
             json.dump({"records": records, "end": [time.perf_counter(), time.process_time()]}, f)
-
-    atexit.register(dump)
-    from megatron_hdpissa.training import finetune
-
-    if hasattr(finetune, "cli"):
-        finetune.cli(argv)
-    else:
-        finetune.main(argv)
+        shutdown()
 
 
 # ---- the parent ------------------------------------------------------------------------------
@@ -128,26 +130,23 @@ def parse_args(argv=None):
 
 
 def machine_info(args) -> dict:
-    """bench_step's machine record, for CPU ranks with `--threads` threads each."""
-    bench_dir = os.path.dirname(os.path.abspath(__file__))
-    if bench_dir not in sys.path:
-        sys.path.insert(0, bench_dir)
+    """The benchmarks' machine record, for CPU ranks with `--threads` threads each."""
     import torch
-    import bench_step
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = bench_step.machine_info(argparse.Namespace(threads=args.threads, device=device, dtype="fp32"))
+    from benchmarks.common.machine import machine_info as record
+
+    info = record(args.threads, "cuda" if torch.cuda.is_available() else "cpu", "fp32")
     info["threads_per_rank"] = info.pop("torch_threads")
     info["load_avg_1m"] = round(info["load_avg_1m"], 2)
     return info
 
 
 def trainer_has_padding_flags() -> bool:
-    from megatron_hdpissa.training.finetune import parse_args as trainer_parse_args
+    from megatron_hdpissa.training.arguments import parse_args as trainer_args
 
     try:
-        args = trainer_parse_args(["--pretrained-checkpoint", "x", "--data-path", "x", "--train-iters", "1",
-                                   "--pad-to-max-length", "--pad-multiple", "8"])
+        args = trainer_args(["--pretrained-checkpoint", "x", "--data-path", "x", "--train-iters", "1",
+                             "--pad-to-max-length", "--pad-multiple", "8"])
     except SystemExit:
         return False
     return bool(getattr(args, "pad_to_max_length", False))
@@ -156,7 +155,8 @@ def trainer_has_padding_flags() -> bool:
 def prepare(args) -> tuple[Path, Path]:
     """The converted base (TP=1) and the GSM8K training split, cached."""
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
     from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
 
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "bench_trainer"
@@ -224,117 +224,6 @@ def run_mode(args, base, train_path, mode: str, tmp: Path, log) -> dict:
                   if '"loss"' in line]
     ranks = [json.loads(Path(str(timings).replace("RANK", str(r))).read_text()) for r in range(args.nproc)]
     return summarise_mode(args, mode, ranks, losses, wall)
-
-
-def summarise_mode(args, mode: str, ranks: list[dict], losses: list[float], wall: float) -> dict:
-    per_step_batches = args.global_batch_size // (args.micro_batch_size * args.nproc)
-    total_steps = args.warmup + args.steps + 1
-    step_wall, step_cpu, positions, real, supervised, slowest = [], [], [], [], [], []
-    for s in range(args.warmup, args.warmup + args.steps):
-        walls, cpus = [], []
-        for rank in ranks:
-            recs = rank["records"]
-            if len(recs) != total_steps * per_step_batches:
-                raise RuntimeError(f"mode {mode}: a rank drew {len(recs)} micro-batches, expected "
-                                   f"{total_steps} steps x {per_step_batches}")
-            first, nxt = recs[s * per_step_batches], recs[(s + 1) * per_step_batches]
-            walls.append(nxt[0] - first[0])
-            cpus.append(nxt[1] - first[1])
-        step_wall.append(max(walls))  # the ranks meet in the aggregation: the slowest sets the step
-        step_cpu.append(max(cpus))
-        step = [r for rank in ranks for r in rank["records"][s * per_step_batches:(s + 1) * per_step_batches]]
-        positions.append(sum(shape[0] * shape[1] for _, _, _, shape, _, _ in step))
-        slowest.append(max(sum(r[3][0] * r[3][1] for r in rank["records"][s * per_step_batches:(s + 1) * per_step_batches])
-                           for rank in ranks))
-        real.append(sum(rec[4] for rec in step))
-        supervised.append(sum(rec[5] for rec in step))
-    lengths = sorted({rec[3][1] for rank in ranks for rec in rank["records"]})
-    wall_med, cpu_med = statistics.median(step_wall), statistics.median(step_cpu)
-    return {
-        "mode": mode, "step_wall_s": step_wall, "step_cpu_s": step_cpu,
-        "median_wall_s": wall_med, "median_cpu_s": cpu_med,
-        "positions_per_step": statistics.mean(positions), "slowest_rank_positions_per_step": statistics.mean(slowest),
-        "real_tokens_per_step": statistics.mean(real),
-        "supervised_per_step": statistics.mean(supervised),
-        "micro_batch_lengths": [lengths[0], lengths[-1]], "losses": losses, "run_wall_s": wall,
-    }
-
-
-def combine(rounds: list[dict]) -> dict:
-    """Per mode: every round's timed steps together."""
-    out = {}
-    for res in rounds:
-        cur = out.setdefault(res["mode"], {**res, "step_wall_s": [], "step_cpu_s": [], "losses_by_round": []})
-        cur["step_wall_s"] += res["step_wall_s"]
-        cur["step_cpu_s"] += res["step_cpu_s"]
-        cur["losses_by_round"].append(res["losses"])
-    for cur in out.values():
-        cur["median_wall_s"] = statistics.median(cur["step_wall_s"])
-        cur["median_cpu_s"] = statistics.median(cur["step_cpu_s"])
-    return out
-
-
-def render(results: dict, info: dict, args, command: str) -> str:
-    lines = ["```", command, "```", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items() if v is not None), "",
-             f"Model: SmolLM2-135M-Instruct, {args.num_layers or 30} layers, fp32; GSM8K train split (1000), "
-             f"alpaca template, --seq-length {args.seq_length}; {args.nproc} ranks (torchrun, gloo), HD-PiSSA "
-             f"r={args.hd_pissa_rank}; {args.global_batch_size} sequences per step = micro-batch "
-             f"{args.micro_batch_size} x {args.global_batch_size // (args.micro_batch_size * args.nproc)} x "
-             f"{args.nproc} ranks; {args.warmup} warm-up + {args.steps} timed steps per mode x {args.rounds} "
-             f"round(s); --pad-multiple {args.pad_multiple}."
-             + (f" floor: {FLOOR_EXAMPLES} one-line problems ('i + 1 =' / 'i+1'), --seq-length 16, padded."
-                if "floor" in results else ""), "",
-             f"Ratio basis: **{'process CPU time' if args.basis == 'cpu' else 'wall time'}** (medians of the "
-             "timed steps; per step the slowest rank's CPU time).", "",
-             "| mode | step CPU s (median) | step wall s (median) | steps CPU s | steps wall s | positions / step | "
-             f"real tokens / step | real tokens/s ({args.basis}) | micro-batch lengths | losses |",
-             "|---|---:|---:|---|---|---:|---:|---:|---|---|"]
-    for mode, r in results.items():
-        lines.append(
-            f"| {mode} | {r['median_cpu_s']:.2f} | {r['median_wall_s']:.2f} | "
-            f"{', '.join(f'{t:.2f}' for t in r['step_cpu_s'])} | "
-            f"{', '.join(f'{t:.2f}' for t in r['step_wall_s'])} | {r['positions_per_step']:.0f} | "
-            f"{r['real_tokens_per_step']:.0f} | {r['real_tokens_per_step'] / r['median_' + args.basis + '_s']:.0f} | "
-            f"{r['micro_batch_lengths'][0]}-{r['micro_batch_lengths'][1]} | "
-            f"{' '.join(f'{x:.4f}' for x in r['losses_by_round'][0])} |")
-    lines.append("")
-    lines += ratio_lines(results, args)
-    return "\n".join(lines) + "\n"
-
-
-def ratio_lines(results: dict, args) -> list[str]:
-    out = []
-    pad = results.get("padded")
-    for mode in ("variable", "balanced", "packed"):
-        r = results.get(mode)
-        if pad is None or r is None:
-            continue
-        wall, cpu = pad["median_wall_s"] / r["median_wall_s"], pad["median_cpu_s"] / r["median_cpu_s"]
-        ratio = cpu if args.basis == "cpu" else wall
-        positions = pad["positions_per_step"] / r["positions_per_step"]
-        slowest = pad["slowest_rank_positions_per_step"] / r["slowest_rank_positions_per_step"]
-        tokens = (r["real_tokens_per_step"] / pad["real_tokens_per_step"]) * ratio
-        line = (f"- padded / {mode} step time: **{ratio:.2f}x** {args.basis} ({cpu:.2f}x CPU, {wall:.2f}x wall); "
-                f"positions computed per step {positions:.2f}x fewer, by the busiest rank {slowest:.2f}x fewer; real tokens/s {tokens:.2f}x")
-        if mode in ("variable", "balanced"):
-            line += f"; target >= {args.target:.2f}x: {'met' if ratio >= args.target else 'NOT met'}"
-        out.append(line)
-    floor = results.get("floor")
-    if pad and floor and "variable" in results:
-        key = f"median_{args.basis}_s"
-        var = results["variable"]
-        out.append(f"- floor (16-token rows): {floor[key]:.2f} s {args.basis} per step does not scale with the tokens; "
-                   f"on the rest, padded / variable = {(pad[key] - floor[key]) / (var[key] - floor[key]):.2f}x; "
-                   f"the best padded / variable this floor allows at the positions ratio above is "
-                   f"{pad[key] / (floor[key] + (pad[key] - floor[key]) * var['positions_per_step'] / pad['positions_per_step']):.2f}x")
-    if pad and "variable" in results:
-        a, b = pad["losses_by_round"][0], results["variable"]["losses_by_round"][0]
-        if a and len(a) == len(b):
-            worst = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
-            out.append(f"- losses padded vs variable (the same batches, masking exact): largest relative "
-                       f"difference {worst:.1e} over {len(a)} steps")
-    return out
 
 
 def main(argv=None) -> dict:

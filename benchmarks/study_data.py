@@ -1,5 +1,4 @@
-"""The study's material: GSM8K train / validation / test, invented facts, and the Botchan prose
-that no method trains on (fetched from the sentencepiece source distribution, cached)."""
+"""The study's material: GSM8K splits, invented facts, and Botchan prose that no method trains on."""
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +10,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from megatron_hdpissa.data.sft import split_gsm8k
+from megatron_hdpissa.data.gsm8k import GSM8K_HELDOUT, split_gsm8k
 
 # ---- GSM8K ---------------------------------------------------------------------------------------
-GSM8K_HELDOUT = 319  # the repository's fixed split (write_gsm8k_split's default)
-
-
 def gsm8k_splits(path: str, num_test: int, num_val: int, split_seed: int = 0) -> dict[str, list[dict]]:
     """Train (1000 problems), test (the first `num_test` held-out problems) and validation (the
     next `num_val`): the learning rate is chosen on validation, results are reported on test, and

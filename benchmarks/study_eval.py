@@ -1,5 +1,4 @@
-"""Evaluating one merged Hugging Face model: per-example SFT losses (the trainer's tokenisation and
-loss mask), prose loss, teacher-forced fact recall, and batched greedy decoding."""
+"""Evaluating one merged HF model: SFT and prose losses, fact recall, batched greedy decoding."""
 from __future__ import annotations
 
 import torch

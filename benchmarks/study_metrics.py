@@ -7,7 +7,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Mapping, Sequence
 
-from megatron_hdpissa.data.sft import extract_gsm8k_answer
+from megatron_hdpissa.data.gsm8k import extract_gsm8k_answer
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 

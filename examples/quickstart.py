@@ -38,7 +38,8 @@ def main() -> None:
     args = p.parse_args()
 
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import extract_gsm8k_answer, split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.gsm8k import extract_gsm8k_answer, split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
     from megatron_hdpissa.data.material import cache_dir, gsm8k_test_path, smollm2_hf_dir
 
     t_start = time.time()

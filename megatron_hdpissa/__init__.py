@@ -7,6 +7,7 @@ from importlib import import_module
 _EXPORTS = {
     "HDPiSSAAdapter": ".peft.hd_pissa.layer",
     "HDPiSSAConfig": ".peft.hd_pissa.config",
+    "LowRankConfig": ".peft.lowrank.config",
     "HDPiSSAOptimizer": ".optimizer.hd_pissa",
     "ParallelGroups": ".distributed.groups",
     "active_slice": ".peft.hd_pissa.model",
@@ -14,7 +15,7 @@ _EXPORTS = {
     "iter_adapters": ".peft.hd_pissa.model",
     "apply_lowrank": ".peft.lowrank.model",
     "merge_lowrank": ".peft.lowrank.model",
-    "DataParallelAdamW": ".peft.lowrank.model",
+    "DataParallelAdamW": ".optimizer.data_parallel",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -1,9 +1,10 @@
 """Session fixtures: real SmolLM2 weights (cached on disk, truncated for speed) and tiny random
-LLaMA / Qwen2 / Mistral Hugging Face folders."""
+LLaMA / Qwen2 / Mistral / Qwen3 Hugging Face folders (built by tests/helpers/hf_models.py)."""
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.helpers.hf_models import save_random_hf_model
 
 SMOLLM2_TEST_LAYERS = 2
 
@@ -24,39 +25,6 @@ def gsm8k_path():
     return gsm8k_test_path()
 
 
-def _save_random_hf_model(config, path, seed: int):
-    """Random HF model with non-trivial norms and biases (HF initialises those to 1 and 0, which
-    would hide a swapped or dropped tensor in a conversion)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    model = getattr(transformers, config.architectures[0])(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.5 * torch.randn_like(param))
-    model.save_pretrained(path)
-    return path
-
-
-def tiny_llama_with_smollm2_tokenizer(path, smollm2_hf_dir, seed: int, **config):
-    """A random LLaMA HF folder of SmolLM2's vocabulary (49152) with SmolLM2's tokenizer files, so
-    the trainer runs it on real text. `config`: LlamaConfig fields (hidden_size, heads, ...)."""
-    import shutil
-    from pathlib import Path
-
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(vocab_size=49152, max_position_embeddings=256, architectures=["LlamaForCausalLM"], **config)
-    hf = _save_random_hf_model(config, path, seed=seed)
-    for f in Path(smollm2_hf_dir).iterdir():
-        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy2(f, Path(hf) / f.name)
-    return Path(hf)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_hf_dir(tmp_path_factory):
     """LLaMA, 8 heads / 4 KV groups (GQA), untied embeddings, non-default RoPE theta."""
@@ -69,7 +37,7 @@ def tiny_llama_hf_dir(tmp_path_factory):
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
         architectures=["LlamaForCausalLM"],
     )
-    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_llama"), seed=1)
+    return save_random_hf_model(config, tmp_path_factory.mktemp("tiny_llama"), seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +51,7 @@ def tiny_qwen2_hf_dir(tmp_path_factory):
         rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.1,
         architectures=["Qwen2ForCausalLM"],
     )
-    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen2"), seed=2)
+    return save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen2"), seed=2)
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +65,7 @@ def tiny_mistral_hf_dir(tmp_path_factory):
         sliding_window=5, tie_word_embeddings=False, initializer_range=0.1,
         architectures=["MistralForCausalLM"],
     )
-    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_mistral"), seed=3)
+    return save_random_hf_model(config, tmp_path_factory.mktemp("tiny_mistral"), seed=3)
 
 
 @pytest.fixture(scope="session")
@@ -113,4 +81,4 @@ def tiny_qwen3_hf_dir(tmp_path_factory):
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         architectures=["Qwen3ForCausalLM"],
     )
-    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen3"), seed=5)
+    return save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen3"), seed=5)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # conversion.DTYPE_NAMES
-CKPT_FORMATS = ("torch_dist", "torch")  # conversion.CKPT_FORMATS, Megatron-LM's --ckpt-format
+from megatron_hdpissa.checkpoint.dist import CKPT_FORMATS, TORCH_DIST
+from megatron_hdpissa.convert.hf_megatron import DTYPE_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -16,7 +16,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-dir", required=True, help="HF model folder (config.json + *.safetensors)")
     p.add_argument("--save", "--megatron-dir", dest="save", required=True,
                    help="output checkpoint folder (DIR/latest_checkpointed_iteration.txt, DIR/iter_0000000/)")
-    p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
+    p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default=TORCH_DIST,
                    help="torch_dist: one checkpoint for every TP / PP layout (whole model in memory "
                         "while converting); torch: legacy mp_rank_TT[_PPP]/model_optim_rng.pt shards "
                         "of the layout below, streamed one shard at a time")
@@ -25,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages to write, must divide the number of layers (torch); checked "
                         "only (torch_dist)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="cast weights (default: keep the HF dtype)")
     p.add_argument("--iteration", type=int, default=0, help="iteration number to record")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_hdpissa.convert.hf_megatron import DTYPE_NAMES, convert_hf_to_megatron
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
 
     try:
         out = convert_hf_to_megatron(

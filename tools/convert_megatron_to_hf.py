@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # conversion.DTYPE_NAMES
+from megatron_hdpissa.convert.hf_megatron import DTYPE_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -18,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="expected TP size of a legacy checkpoint (default: whatever it holds)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None,
                    help="expected pipeline size of a legacy checkpoint (default: whatever it holds)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="cast weights (default: keep the checkpoint dtype)")
     p.add_argument("--max-shard-size-gb", type=float, default=4.0,
                    help="split model.safetensors into files of at most this size")
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_hdpissa.convert.hf_megatron import DTYPE_NAMES, convert_megatron_to_hf
+    from megatron_hdpissa.convert.hf_megatron import convert_megatron_to_hf
 
     try:
         out = convert_megatron_to_hf(

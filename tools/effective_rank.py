@@ -7,10 +7,11 @@ fine-tuned checkpoints against one base, JSON summary and a log-scale PNG of the
         --json rank.json --plot spectra.png [--threshold 1e-3] [--reference lora]
 
 BASE and each fine-tuned path may be a Hugging Face folder or a Megatron checkpoint folder of
-any tensor / pipeline parallel size (auto-detected). The effective rank is the number of singular values above THRESHOLD x the
-largest one (default 1e-3). A Megatron `--save` folder of a --peft lora / pissa run holds W_res,
-not the update: its adapter factors are merged here (s B A added; --no-merge-adapters disables
-that), or pass the run's merged `--export-hf` folder instead. HD-PiSSA and full fine-tuning
+any tensor / pipeline parallel size (auto-detected). The effective rank is the number of
+singular values above THRESHOLD x the largest one (default 1e-3). A Megatron `--save` folder of
+a --peft lora / pissa run holds W_res, not the update: its adapter factors are merged here
+(s B A added; --no-merge-adapters disables that), or pass the run's merged `--export-hf` folder
+instead. HD-PiSSA and full fine-tuning
 checkpoints hold the updated weights already.
 """
 from __future__ import annotations
@@ -60,25 +61,26 @@ def _named(items: list[str]) -> dict[str, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_hdpissa.analysis import effective_rank as analysis
+    from megatron_hdpissa.analysis.effective_rank import analyse, format_table, write_json
+    from tools.plotting import plot_spectra
 
     try:
         finetuned = _named(args.finetuned)
         projections = [p for p in args.projections.split(",") if p]
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         reference = args.reference or ("lora" if "lora" in finetuned else None)
-        summary, results = analysis.analyse(
+        summary, results = analyse(
             args.base, finetuned, args.threshold, projections, layers, reference,
             merge_adapters=not args.no_merge_adapters, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"effective rank = number of {summary['definition']}")
-    print(analysis.format_table(summary))
+    print(format_table(summary))
     if args.json:
-        print(f"wrote {analysis.write_json(summary, args.json)}")
+        print(f"wrote {write_json(summary, args.json)}")
     if args.plot:
-        print(f"wrote {analysis.plot_spectra(results, args.threshold, args.plot, args.title)}")
+        print(f"wrote {plot_spectra(results, args.threshold, args.plot, args.title)}")
     return 0
 
 

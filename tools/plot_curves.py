@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--smooth", type=int, default=1, help="moving average over this many iterations")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    from megatron_hdpissa.analysis.effective_rank import plot_learning_curves, read_log_json
+    from tools.plotting import plot_learning_curves, read_log_json
 
     runs = {}
     try:

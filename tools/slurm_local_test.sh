@@ -143,7 +143,7 @@ if ((FINETUNE)); then
 import sys
 from pathlib import Path
 
-from megatron_hdpissa.data.sft import write_gsm8k_split
+from megatron_hdpissa.data.gsm8k import write_gsm8k_split
 from megatron_hdpissa.data.material import gsm8k_test_path
 
 mat = Path(sys.argv[1])
@@ -243,7 +243,7 @@ say "slurmctld (pid $CTLD_PID) and slurmd (pid $SLURMD_PID) up: node $NODE, $CPU
 # The launcher's hostlist expander against SLURM's own (forms both accept).
 SPECS=('node[01-04,07]' 'a-[1-2],b3' 'rack[1-2]-n[8-10]' 'x[098-100],y' 'n[1-010]' "$NODE")
 for spec in "${SPECS[@]}"; do scontrol show hostnames "$spec" | tr '\n' ' '; echo; done >"$WORK/hostnames.scontrol"
-"$PYTHON" -c 'import sys; from megatron_hdpissa.launch.launcher import expand_hostlist as e
+"$PYTHON" -c 'import sys; from megatron_hdpissa.launch.environ import expand_hostlist as e
 for spec in sys.argv[1:]: print(*e(spec), end=" \n")' "${SPECS[@]}" >"$WORK/hostnames.ours"
 diff "$WORK/hostnames.scontrol" "$WORK/hostnames.ours" >&2 || die "hostlist expander disagrees with scontrol (left: scontrol)"
 say "hostlist expander agrees with scontrol show hostnames"
@@ -299,7 +299,7 @@ result = {"latest_checkpointed_iteration": tracker.read_text().strip() if tracke
           "files": {str(f.relative_to(root)): digest(torch.load(f, map_location="cpu", weights_only=True))
                     for f in files}}
 for meta in sorted(root.glob("iter_*/metadata.json")):  # torch_dist: every sharded tensor, whole
-    from megatron_hdpissa.checkpoint.dist import read_global_tensors
+    from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
 
     result["files"][f"{meta.parent.name}/*.distcp"] = digest(read_global_tensors(meta.parent))
 out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

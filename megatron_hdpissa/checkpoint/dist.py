@@ -1,5 +1,6 @@
-"""megatron-core `torch_dist` checkpoints (`megatron.core.dist_checkpointing`) of a GPTModel plus
-caller state, saved atomically in Megatron-LM's layout and loadable at any TP / PP layout.
+"""megatron-core `torch_dist` checkpoints of a GPTModel plus caller state: saved atomically, loadable at any TP / PP.
+
+Written through `megatron.core.dist_checkpointing` in Megatron-LM's layout.
 
 Layout (what Megatron-LM's `--ckpt-format torch_dist` writes, plus our config files):
 
@@ -8,51 +9,40 @@ Layout (what Megatron-LM's `--ckpt-format torch_dist` writes, plus our config fi
     DIR/iter_XXXXXXX/common.pt              megatron-core: the non-sharded part (rank 0's)
     DIR/iter_XXXXXXX/.metadata              torch.distributed.checkpoint's index of the shards
     DIR/iter_XXXXXXX/__R_F.distcp           the tensor shards rank R wrote
-    DIR/model_config.json, DIR/tokenizer/   as in the legacy layout (conversion.py)
+    DIR/model_config.json, DIR/tokenizer/   as in the legacy layout (atomic.py)
 
 The state dict saved is `{"model": model.sharded_state_dict(), **extra_sharded, **common}`
 (Megatron-LM's convention: sharded values anywhere in the nesting are sharded, plain values go
 into `common.pt`). Tensors are keyed globally (global layer numbers, whole-model shapes), so any
 TP / PP layout that can build the model can load them; megatron-core reshards.
 
-Saving is atomic: every rank writes into `DIR/iter_XXXXXXX.tmp/`; after all ranks finished, rank
-0 renames it into place and then rewrites the tracker (temp file + `os.replace`). A crash before
-the rename leaves the previous iteration folder and tracker untouched.
+Saving is atomic (`atomic.atomic_iteration_dir`): every rank writes into `DIR/iter_XXXXXXX.tmp/`;
+after all ranks finished, rank 0 renames it into place and then rewrites the tracker. A crash
+before the rename leaves the previous iteration folder and tracker untouched.
 
 Loading never unpickles arbitrary objects: `common.pt` and sharded objects are read with
 `torch.load(weights_only=True)`, and the pickled `.metadata` index through an allow-list of
-`torch.distributed.checkpoint` metadata classes (see `dist_safe_load.py`).
+`torch.distributed.checkpoint` metadata classes (see `safe_load.py`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from megatron_hdpissa.checkpoint.safe_load import (  # noqa: F401 - re-exported: importable from here as before
-    _ALLOWED_GLOBALS, _ALLOWED_METADATA_MODULES, COMMON_FILE, DCP_METADATA_FILE, _load_weights_only,
-    _safe_common_strategy, _safe_sharded_strategy, _SafeMetadataUnpickler, _swapped, load_common_state,
-    read_dcp_metadata, read_global_tensors, safe_filesystem_reader)
+from megatron_hdpissa.checkpoint.atomic import atomic_iteration_dir, iteration_dir_name, world_rank
+from megatron_hdpissa.checkpoint.safe_load import safe_common_strategy, safe_sharded_strategy
 
 TORCH_DIST = "torch_dist"
 TORCH = "torch"
 CKPT_FORMATS = (TORCH_DIST, TORCH)  # Megatron-LM's --ckpt-format names (default torch_dist)
 CKPT_FORMAT_FLAG = "--ckpt-format"
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 DIST_METADATA_FILE = "metadata.json"   # megatron-core's CheckpointingConfig
-TMP_SUFFIX = ".tmp"
 # Keys of the common state this module writes itself (the caller's common state sits next to them).
 COMMON_LAYOUT_KEY = "hdpissa_layout"
 FORMAT_TAG = "megatron_hdpissa.torch_dist.v1"
-
-
-def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
 # ---- format detection -------------------------------------------------------------------------
@@ -113,38 +103,7 @@ def sync_save_strategy(thread_count: int = 1):
     return SyncTorchDistSaveShardedStrategy(TORCH_DIST, 1, thread_count=thread_count)
 
 
-# ---- atomic save ------------------------------------------------------------------------------
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_tracker(save_dir, iteration: int | str) -> None:
-    """Point `latest_checkpointed_iteration.txt` at `iteration` atomically (temp file, fsync,
-    `os.replace`)."""
-    save_dir = Path(save_dir)
-    tmp = save_dir / f".{TRACKER_FILE}{TMP_SUFFIX}"
-    with open(tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, save_dir / TRACKER_FILE)
-    _fsync_dir(save_dir)
-
-
+# ---- save and load ----------------------------------------------------------------------------
 def save_dist_checkpoint(
     save_dir, iteration: int | str, sharded_state_dict: dict, *,
     common_state: dict | None = None,
@@ -173,15 +132,6 @@ def save_dist_checkpoint(
         raise ValueError("--async-save is not supported by this trainer's torch_dist writer (megatron-core's "
                          "async writer starts a spawn-context Manager and forks writer processes; see "
                          "megatron_hdpissa.checkpoint.dist.sync_save_strategy); save synchronously")
-    save_dir = Path(save_dir).absolute()
-    final = save_dir / iteration_dir_name(iteration)
-    tmp = save_dir / (final.name + TMP_SUFFIX)
-    if _rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # the remains of a save that crashed before its rename
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier()
     state = dict(sharded_state_dict)
     common = dict(common_state or {})
     overlap = set(common) & set(state)
@@ -190,29 +140,12 @@ def save_dist_checkpoint(
     state.update(common)
     if layout is not None:
         state[COMMON_LAYOUT_KEY] = dict(layout)
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
-    # dist_checkpointing.save ends with a barrier after metadata.json: every rank's shards exist.
-    if _rank() == 0:
-        if write_rank0_files is not None:
+    with atomic_iteration_dir(save_dir, iteration) as tmp:
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
+        # dist_checkpointing.save ends with a barrier after metadata.json: every rank's shards exist
+        if write_rank0_files is not None and world_rank() == 0:
             write_rank0_files(tmp)
-        for path in tmp.iterdir():
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving an iteration: move the old one aside first
-            old = save_dir / (final.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(save_dir)
-        write_tracker(save_dir, iteration)  # last: marks the checkpoint complete
-    _barrier()
-    return final
+    return Path(save_dir).absolute() / iteration_dir_name(iteration)
 
 
 def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "assume_ok_unexpected") -> dict:
@@ -225,8 +158,8 @@ def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "a
     if not is_dist_checkpoint_dir(iter_dir):
         raise FileNotFoundError(f"{iter_dir} is not a torch_dist checkpoint ({DIST_METADATA_FILE} is missing)")
     return dist_checkpointing.load(sharded_state_dict, str(iter_dir),
-                                   sharded_strategy=_safe_sharded_strategy(),
-                                   common_strategy=_safe_common_strategy(), strict=strict)
+                                   sharded_strategy=safe_sharded_strategy(),
+                                   common_strategy=safe_common_strategy(), strict=strict)
 
 
 # ---- per-slice state (the trainer's HD-PiSSA factors, moments, masters) --------------------------
@@ -311,11 +244,3 @@ def load_model_checkpoint(model, iter_dir, *, extra_sharded: dict | None = None)
         raise ValueError(f"{iter_dir} does not fit the model: {e}") from e
     return loaded
 
-
-__all__ = [
-    "CKPT_FORMATS", "CKPT_FORMAT_FLAG", "COMMON_FILE", "COMMON_LAYOUT_KEY", "DIST_METADATA_FILE",
-    "TORCH", "TORCH_DIST", "current_layout", "is_dist_checkpoint_dir", "load_common_state",
-    "load_dist_checkpoint", "load_model_checkpoint", "read_dcp_metadata", "read_global_tensors",
-    "safe_filesystem_reader", "save_dist_checkpoint", "save_model_checkpoint",
-    "slice_sharded_tensor", "sync_save_strategy", "write_tracker",
-]

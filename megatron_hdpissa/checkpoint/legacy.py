@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_hdpissa.checkpoint import dist as dist_checkpoint
-from megatron_hdpissa.checkpoint.dist import TRACKER_FILE, iteration_dir_name  # Megatron-LM's, both formats
+from megatron_hdpissa.checkpoint.dist import COMMON_LAYOUT_KEY, DIST_METADATA_FILE, TORCH, TORCH_DIST, is_dist_checkpoint_dir
+from megatron_hdpissa.checkpoint.atomic import TRACKER_FILE, iteration_dir_name, read_tracker
+from megatron_hdpissa.checkpoint.safe_load import load_common_state
 from megatron_hdpissa.models.config import TP_FLAG
 from megatron_hdpissa.models.pipeline_stages import PP_FLAG
 
@@ -42,14 +43,14 @@ class CheckpointInfo:
     tp_size: int
     rank_files: tuple[Path, ...]
     pp_size: int = 1
-    ckpt_format: str = "torch"   # "torch" (legacy mp_rank files) or "torch_dist" (any layout)
+    ckpt_format: str = TORCH   # "torch" (legacy mp_rank files) or "torch_dist" (any layout)
 
     @property
     def iter_dir(self) -> Path:
         return self.directory / iteration_dir_name(self.iteration)
 
     def rank_file(self, tp_rank: int, pp_rank: int = 0) -> Path:
-        if self.ckpt_format != "torch":
+        if self.ckpt_format != TORCH:
             raise ValueError(f"{self.directory} is a {self.ckpt_format} checkpoint: it has no per-rank files")
         if not (0 <= tp_rank < self.tp_size and 0 <= pp_rank < self.pp_size):
             raise ValueError(
@@ -66,28 +67,23 @@ def read_checkpoint_info(ckpt_dir) -> CheckpointInfo:
     directory = Path(ckpt_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"megatron checkpoint directory {directory} does not exist")
-    tracker = directory / TRACKER_FILE
-    if not tracker.is_file():
+    iteration = read_tracker(directory)
+    if iteration is None:
         raise FileNotFoundError(
-            f"{tracker} is missing: {directory} is not a legacy Megatron checkpoint (or was not "
+            f"{directory / TRACKER_FILE} is missing: {directory} is not a Megatron checkpoint (or was not "
             "finished; the tracker file is written last)"
         )
-    text = tracker.read_text().strip()
-    try:
-        iteration: int | str = "release" if text == "release" else int(text)
-    except ValueError:
-        raise ValueError(f"{tracker}: expected an iteration number or 'release', found {text!r}") from None
     iter_dir = directory / iteration_dir_name(iteration)
     if not iter_dir.is_dir():
-        raise FileNotFoundError(f"{tracker} names iteration {text} but {iter_dir} does not exist")
-    if dist_checkpoint.is_dist_checkpoint_dir(iter_dir):
+        raise FileNotFoundError(f"{directory / TRACKER_FILE} names iteration {iteration} but {iter_dir} does not exist")
+    if is_dist_checkpoint_dir(iter_dir):
         layout = _saved_layout(iter_dir)
         return CheckpointInfo(directory, iteration, layout.get("tp", 1), (), layout.get("pp", 1),
-                              ckpt_format=dist_checkpoint.TORCH_DIST)
+                              ckpt_format=TORCH_DIST)
     rank_dirs = sorted(p.name for p in iter_dir.glob("mp_rank_*") if p.is_dir())
     if not rank_dirs:
         raise FileNotFoundError(f"{iter_dir} holds no mp_rank_XX shard folders (and no torch_dist "
-                                f"{dist_checkpoint.DIST_METADATA_FILE})")
+                                f"{DIST_METADATA_FILE})")
     parsed = [re.fullmatch(r"mp_rank_(\d{2})(?:_(\d{3}))?", name) for name in rank_dirs]
     bad = [name for name, m in zip(rank_dirs, parsed) if m is None]
     if bad:
@@ -116,13 +112,13 @@ def read_checkpoint_info(ckpt_dir) -> CheckpointInfo:
 
 
 def _saved_layout(iter_dir: Path) -> dict:
-    """The layout a torch_dist folder was saved at, as `dist_checkpoint` records it ({} when the
+    """The layout a torch_dist folder was saved at, as `checkpoint/dist.py` records it ({} when the
     common state does not say, e.g. another tool's checkpoint)."""
     try:
-        common = dist_checkpoint.load_common_state(iter_dir)
+        common = load_common_state(iter_dir)
     except (FileNotFoundError, ValueError):
         return {}
-    layout = common.get(dist_checkpoint.COMMON_LAYOUT_KEY)
+    layout = common.get(COMMON_LAYOUT_KEY)
     return dict(layout) if isinstance(layout, dict) else {}
 
 
@@ -133,7 +129,8 @@ def _load_rank_file(path: Path) -> dict:
         raise ValueError(f"cannot read megatron checkpoint shard {path}: {e}") from e
 
 
-def _stage_state_dict(info: CheckpointInfo, tp_rank: int, pp_rank: int) -> dict:
+def stage_state_dict(info: CheckpointInfo, tp_rank: int, pp_rank: int) -> dict:
+    """The model state dict of one legacy (TP rank, pipeline stage) file, checked against the folder."""
     path = info.rank_file(tp_rank, pp_rank)
     state = _load_rank_file(path)
     if not isinstance(state, dict) or "model" not in state:
@@ -148,8 +145,8 @@ def _stage_state_dict(info: CheckpointInfo, tp_rank: int, pp_rank: int) -> dict:
     return state["model"]
 
 
-def _save_rank_file(path: Path, shard: dict, *, iteration: int | str, tp_size: int, tp_rank: int,
-                    pp_size: int, pp_rank: int) -> None:
+def save_rank_file(path: Path, shard: dict, *, iteration: int | str, tp_size: int, tp_rank: int,
+                   pp_size: int, pp_rank: int, fmt: str = CHECKPOINT_FORMAT) -> None:
     """Write one (TP rank, pipeline stage) shard as a legacy rank file; its folder must be new."""
     path.parent.mkdir(parents=True)
     torch.save({
@@ -160,9 +157,6 @@ def _save_rank_file(path: Path, shard: dict, *, iteration: int | str, tp_size: i
         "tensor_model_parallel_rank": tp_rank,
         "pipeline_model_parallel_size": pp_size,
         "pipeline_model_parallel_rank": pp_rank,
-        "format": CHECKPOINT_FORMAT,
+        "format": fmt,
     }, path)
 
-
-__all__ = ["CHECKPOINT_FILE", "TRACKER_FILE", "CheckpointInfo", "iteration_dir_name", "rank_checkpoint_path",
-           "rank_dir_name", "read_checkpoint_info"]

@@ -78,7 +78,7 @@ def load_common_state(iter_dir) -> dict:
     return state
 
 
-def _safe_common_strategy():
+def safe_common_strategy():
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
     class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
@@ -142,7 +142,7 @@ def read_global_tensors(iter_dir, keys=None) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _safe_sharded_strategy():
+def safe_sharded_strategy():
     """megatron-core's torch_dist load strategy reading the `.metadata` index through the
     allow-list and sharded objects (`_extra_state` and the like) with `weights_only=True`.
     torch's `DefaultLoadPlanner.load_bytes` calls `torch.load(..., weights_only=False)` and
@@ -192,6 +192,3 @@ def _swapped(module, **attrs):
         for name, value in old.items():
             setattr(module, name, value)
 
-
-__all__ = ["COMMON_FILE", "DCP_METADATA_FILE", "load_common_state", "read_dcp_metadata",
-           "read_global_tensors", "safe_filesystem_reader"]

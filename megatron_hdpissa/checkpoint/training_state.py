@@ -1,7 +1,7 @@
-"""Atomic training checkpoints in the legacy Megatron layout (`--ckpt-format torch`), plus each
-(DP, TP, PP) rank's adapter state: resuming reproduces the uninterrupted run exactly on CPU, at
-the same layout. (`--ckpt-format torch_dist`, the default, resumes at any TP / PP: its state is
-in `training_state_dist.py`; `save_dist_training_checkpoint` below adds the meta and base files.)
+"""The trainer's state as a legacy `--ckpt-format torch` checkpoint: Megatron's per-TP model files plus each rank's state.
+
+Resuming reproduces the uninterrupted run exactly on CPU, at the same layout (`--ckpt-format
+torch_dist`, the default, resumes at any TP / PP: `training_state_dist.py`).
 
     SAVE/latest_checkpointed_iteration.txt         written last: marks the newest complete one
     SAVE/model_config.json, SAVE/tokenizer/        copied from the base checkpoint
@@ -17,174 +17,62 @@ exports an HD-PiSSA run's SAVE folder directly (its weights are already merged).
 """
 from __future__ import annotations
 
-import json
-import os
-import random
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megatron_hdpissa.convert import hf_megatron as conversion
-from megatron_hdpissa.convert.hf_megatron import TOKENIZER_DIR, TRACKER_FILE, iteration_dir_name
+from megatron_hdpissa.checkpoint.atomic import atomic_iteration_dir, iteration_dir_name, read_tracker, world_rank
+from megatron_hdpissa.checkpoint.legacy import CHECKPOINT_FILE, rank_dir_name, save_rank_file
+from megatron_hdpissa.checkpoint.trainer_state import (STATE_DIR, Restored, TrainerState, copy_base_files,
+                                                       is_adapter_key, rank_flag, rng_state, set_rng_state,
+                                                       split_state_dict, write_meta)
 from megatron_hdpissa.distributed.groups import ParallelGroups
-from megatron_hdpissa.models.config import MODEL_CONFIG_FILE
 
-ADAPTER_KEYS = (".hd_pissa.", ".lora.")
-META_FILE = "meta.json"
-
-
-def is_adapter_key(key: str) -> bool:
-    return any(m in key or key.startswith(m[1:]) for m in ADAPTER_KEYS)
-
-
-def split_state_dict(model: nn.Module) -> tuple[dict, dict]:
-    """(base weights, adapter parameters) of this rank's model."""
-    base, adapter = {}, {}
-    for k, v in model.state_dict().items():
-        (adapter if is_adapter_key(k) else base)[k] = v.detach().clone() if isinstance(v, torch.Tensor) else v
-    return base, adapter
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _world_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+TRAINING_FORMAT = "megatron_hdpissa.train.v1"
 
 
 def rank_file(iter_dir: Path, groups: ParallelGroups) -> Path:
     """`hd_pissa/dp_DDD_tp_TT.pt`, with `_pp_PPP` at PP > 1 (PP = 1 names as before PP existed)."""
     stage = f"_pp_{groups.pp_rank:03d}" if groups.pp_size > 1 else ""
-    return iter_dir / "hd_pissa" / f"dp_{groups.dp_rank:03d}_tp_{groups.tp_rank:02d}{stage}.pt"
-
-
-def model_file(ckpt_dir, iteration, tp_rank: int, pp_rank: int = 0, pp_size: int = 1) -> Path:
-    """Megatron's legacy shard path: `iter_X/mp_rank_TT/...`, or `mp_rank_TT_PPP/...` at PP > 1."""
-    return conversion.rank_checkpoint_path(ckpt_dir, iteration, tp_rank, pp_rank=pp_rank, pp_size=pp_size)
+    return Path(iter_dir) / STATE_DIR / f"dp_{groups.dp_rank:03d}_tp_{groups.tp_rank:02d}{stage}.pt"
 
 
 def save_checkpoint(save_dir, iteration: int, model: nn.Module, rank_state: dict, meta: dict,
-                    groups: ParallelGroups, base_dir: Optional[str] = None) -> Path:
-    """Collective: every rank calls it. Writes into a hidden temp folder, renames it into place,
-    then rewrites the tracker, so a crash at any point leaves the previous checkpoint loadable."""
-    save_dir = Path(save_dir)
-    final = save_dir / iteration_dir_name(iteration)
-    tmp = save_dir / f".{final.name}.tmp"
-    if _world_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "hd_pissa").mkdir(parents=True)
-    _barrier()
+                    groups: ParallelGroups, base_dir: Optional[Path] = None) -> Path:
+    """Collective: every rank calls it. DP rank 0 of every (TP, PP) position writes the model
+    file, every rank its `rank_state` and adapters, rank 0 the meta; atomically (see
+    `atomic.atomic_iteration_dir`: a crash at any point leaves the previous checkpoint loadable)."""
     base, adapter = split_state_dict(model)
-    if groups.dp_rank == 0:
-        path = tmp / conversion.rank_dir_name(groups.tp_rank, groups.pp_rank, groups.pp_size) / conversion.CHECKPOINT_FILE
+    with atomic_iteration_dir(save_dir, iteration) as tmp:
+        if groups.dp_rank == 0:
+            model_file = tmp / rank_dir_name(groups.tp_rank, groups.pp_rank, groups.pp_size) / CHECKPOINT_FILE
+            save_rank_file(model_file, base, iteration=iteration, tp_size=groups.tp_size, tp_rank=groups.tp_rank,
+                           pp_size=groups.pp_size, pp_rank=groups.pp_rank, fmt=TRAINING_FORMAT)
+        path = rank_file(tmp, groups)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": base, "iteration": iteration, "checkpoint_version": 3.0,
-                    "tensor_model_parallel_size": groups.tp_size,
-                    "tensor_model_parallel_rank": groups.tp_rank,
-                    "pipeline_model_parallel_size": groups.pp_size,
-                    "pipeline_model_parallel_rank": groups.pp_rank,
-                    "format": "megatron_hdpissa.train.v1"}, path)
-    torch.save({"adapter": adapter, **rank_state}, rank_file(tmp, groups))
-    _barrier()
-    if _world_rank() == 0:
-        write_meta(tmp, meta)
-        copy_base_files(save_dir, base_dir)
-        if final.exists():  # re-saving the same iteration: keep the old one until the swap
-            old = save_dir / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        tracker_tmp = save_dir / f".{TRACKER_FILE}.tmp"
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, save_dir / TRACKER_FILE)
-    _barrier()
-    return final
+        torch.save({"adapter": adapter, **rank_state}, path)
+        if world_rank() == 0:
+            write_meta(tmp, meta)
+            copy_base_files(Path(save_dir), base_dir)
+    return Path(save_dir).absolute() / iteration_dir_name(iteration)
 
 
-def write_meta(iter_dir: Path, meta: dict) -> None:
-    (Path(iter_dir) / "hd_pissa").mkdir(parents=True, exist_ok=True)
-    (Path(iter_dir) / "hd_pissa" / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+def save(state: TrainerState, save_dir) -> Path:
+    """Collective: `state` as a legacy training checkpoint of iteration `state.iteration`."""
+    rank_state = {"optimizer": state.optimizer.state_dict(), "data": [d.state_dict() for d in state.data],
+                  "rng": rng_state(), "iteration": state.iteration}
+    return save_checkpoint(save_dir, state.iteration, state.model, rank_state, state.meta, state.groups,
+                           base_dir=state.base_dir)
 
 
-def copy_base_files(save_dir: Path, base_dir: Optional[str]) -> None:
-    """model_config.json and tokenizer/ of the base next to the run's iterations (once)."""
-    if base_dir is None:
-        return
-    base_dir = Path(base_dir)
-    if not (save_dir / MODEL_CONFIG_FILE).exists():
-        shutil.copy2(base_dir / MODEL_CONFIG_FILE, save_dir / MODEL_CONFIG_FILE)
-    if (base_dir / TOKENIZER_DIR).is_dir() and not (save_dir / TOKENIZER_DIR).exists():
-        shutil.copytree(base_dir / TOKENIZER_DIR, save_dir / TOKENIZER_DIR)
-
-
-def save_dist_training_checkpoint(save_dir, meta: dict, save_fn, base_dir: Optional[str] = None) -> Path:
-    """The torch_dist layout of a training checkpoint: megatron-core's files in iter_X/, plus
-    iter_X/hd_pissa/meta.json and the base's config and tokenizer. `save_fn(write_rank0_files)`
-    does the collective save (training_state_dist.save); rank 0 writes the meta into the
-    temporary folder before its rename, so the tracker still marks only complete checkpoints."""
-    save_dir = Path(save_dir)
-    if _world_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        copy_base_files(save_dir, base_dir)
-    return save_fn(lambda tmp_iter_dir: write_meta(tmp_iter_dir, meta))
-
-
-def latest_iteration(load_dir) -> Optional[int]:
-    """The tracked iteration of a training checkpoint folder, or None if it holds none."""
-    tracker = Path(load_dir) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
-    return int(text)
-
-
-def is_training_checkpoint(load_dir) -> bool:
-    it = latest_iteration(load_dir)
-    return it is not None and (Path(load_dir) / iteration_dir_name(it) / "hd_pissa" / META_FILE).is_file()
-
-
-def read_meta(load_dir) -> dict:
-    it = latest_iteration(load_dir)
-    path = Path(load_dir) / iteration_dir_name(it) / "hd_pissa" / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {load_dir} is not an HD-PiSSA training checkpoint")
-    return json.loads(path.read_text())
-
-
-def check_resume_compatible(meta: dict, expected: dict, load_dir) -> None:
+def check_compatible(meta: dict, expected: dict, load_dir) -> None:
     """Refuse to resume with another parallel layout or method (each rank's factors and
     moments belong to one (DP, TP) position)."""
     flags = {"peft": "--peft", "dp_size": "data-parallel size (world size / TP)",
              "tp_size": "--tensor-model-parallel-size", "pp_size": "--pipeline-model-parallel-size",
-             "virtual_ranks": "--hd-pissa-virtual-ranks", "rank": "--hd-pissa-rank"}
+             "virtual_ranks": "--hd-pissa-virtual-ranks", "rank": rank_flag(expected)}
     defaults = {"pp_size": 1}  # checkpoints written before pipeline parallelism
     for key, flag in flags.items():
         if meta.get(key, defaults.get(key)) != expected.get(key, defaults.get(key)):
@@ -196,8 +84,8 @@ def check_resume_compatible(meta: dict, expected: dict, load_dir) -> None:
 
 
 def load_rank_state(load_dir, groups: ParallelGroups) -> dict:
-    it = latest_iteration(load_dir)
-    path = rank_file(Path(load_dir) / iteration_dir_name(it), groups)
+    """This rank's state file of the tracked iteration."""
+    path = rank_file(Path(load_dir) / iteration_dir_name(read_tracker(load_dir)), groups)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint does not cover DP rank "
                                 f"{groups.dp_rank}, TP rank {groups.tp_rank}, PP rank {groups.pp_rank}")
@@ -212,3 +100,16 @@ def load_adapter_params(model: nn.Module, adapter_state: dict, path_hint: str) -
                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.load_state_dict(adapter_state, strict=False)
 
+
+def load(state: TrainerState, load_dir) -> Restored:
+    """Restore adapters, optimizer, data positions and RNG into an already set-up `state` (the
+    model's base weights were loaded with the model) at the layout it was saved at."""
+    saved = load_rank_state(load_dir, state.groups)
+    load_adapter_params(state.model, saved["adapter"], str(load_dir))
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.is_hd_pissa:
+        state.optimizer.refresh_gathered_factors()
+    for iterator, data_state in zip(state.data, saved["data"]):
+        iterator.load_state_dict(data_state)
+    set_rng_state(saved["rng"])
+    return Restored(int(saved["iteration"]), "RNG states restored")

@@ -1,6 +1,8 @@
-"""The trainer's `--ckpt-format torch_dist` state: everything a resume needs, as megatron-core
-sharded tensors keyed by global coordinates, so a run saved at one (TP, PP) layout resumes at any
-other with the same number of slices K = DP x virtual ranks.
+"""The trainer's state as a `--ckpt-format torch_dist` checkpoint, resumable at any TP / PP with the same K.
+
+Everything a resume needs, as megatron-core sharded tensors keyed by global coordinates, so a run
+saved at one (TP, PP) layout resumes at any other with the same number of slices K = DP x virtual
+ranks. `save(state, save_dir)` and `load(state, load_dir)` take a `trainer_state.TrainerState`.
 
     "model"                 GPTModel.sharded_state_dict() without the adapters (the merged W of
                             HD-PiSSA, W_res of PiSSA, the base of LoRA): the layout megatron-core
@@ -20,6 +22,7 @@ other with the same number of slices K = DP x virtual ranks.
     common state            iteration, step counters, loss scaler, every slice's data position,
                             every rank's RNG state (restored at the same layout, reseeded
                             deterministically at another), the run's meta.
+    iter_X/hd_pissa/meta.json   the run's meta, as in the legacy layout.
 
 The gathered-factor buffers (all K slices' factors on every rank) are not saved: they are
 re-gathered from the loaded factors.
@@ -27,17 +30,21 @@ re-gathered from the loaded factors.
 from __future__ import annotations
 
 import dataclasses
-import random
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megatron_hdpissa.checkpoint import training_state as checkpointing
-from megatron_hdpissa.optimizer import clip_grads
-from megatron_hdpissa.peft.hd_pissa.layer import COLUMN
-from megatron_hdpissa.peft.lowrank.model import global_layer_name, iter_lowrank
-from megatron_hdpissa.checkpoint.dist import slice_sharded_tensor
+from megatron_hdpissa.checkpoint.atomic import iteration_dir_name, read_tracker, world_rank
+from megatron_hdpissa.checkpoint.dist import (COMMON_LAYOUT_KEY, MODEL_KEY, load_dist_checkpoint,
+                                              save_dist_checkpoint, slice_sharded_tensor)
+from megatron_hdpissa.checkpoint.trainer_state import (RESEED_ITERATION_STRIDE, Restored, TrainerState,
+                                                       copy_base_files, is_adapter_key, rank_flag, reseed, rng_state,
+                                                       set_rng_state, write_meta)
+from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scaler_state
+from megatron_hdpissa.peft.common import COLUMN, global_layer_name
+from megatron_hdpissa.peft.lowrank.model import iter_lowrank
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -106,7 +113,7 @@ def model_sharded_state_dict(model) -> tuple[dict, dict]:
     """(the model's sharded state dict without adapter keys, id(parameter) -> (its local key,
     its entry)). Local keys are unique; the entries' global keys are not (megatron-core stacks
     the layers of a stage on one key with a layer axis)."""
-    ssd = {k: v for k, v in model.sharded_state_dict().items() if not checkpointing.is_adapter_key(k)}
+    ssd = {k: v for k, v in model.sharded_state_dict().items() if not is_adapter_key(k)}
     return ssd, {id(v.data): (k, v) for k, v in ssd.items() if hasattr(v, "data")}
 
 
@@ -116,36 +123,41 @@ def _param_state(optimizer, param) -> dict:
     return {m: st.get(m, torch.zeros_like(param)) for m in MOMENTS}
 
 
-def _own_optimizer_params(recipe) -> list:
+def _others_optimizer(state: TrainerState):
+    """megatron-core's optimizer for HD-PiSSA's ordinary trainable parameters (None: built in)."""
+    return state.optimizer.others_optimizer if state.is_hd_pissa else None
+
+
+def _own_optimizer_params(state: TrainerState) -> list:
     """The parameters our own AdamW steps (HD-PiSSA's factors and built-in others; the
     baselines' DataParallelAdamW)."""
-    opt = recipe.optimizer
-    if getattr(opt, "others_optimizer", None) is not None:
+    opt = state.optimizer
+    if _others_optimizer(state) is not None:
         return list(opt.param_groups[0]["params"])
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def sharded_state(recipe, loading: bool = False) -> tuple[dict, dict, list]:
+def sharded_state(state: TrainerState, loading: bool = False) -> tuple[dict, dict, list]:
     """(the sharded training state beyond "model", the model's sharded state dict, restore
     steps). With `loading`, fresh tensors of the current layout to load into, and `restore`
     lists `(key, assign)`: `assign(loaded[key])` puts a loaded value in place."""
-    g, opt, model = recipe.groups, recipe.optimizer, recipe.model
+    g, opt, model = state.groups, state.optimizer, state.model
     model_ssd, by_param = model_sharded_state_dict(model)
     out: dict = {}
     restore: list = []
-    own = getattr(opt, "weight_store", None) is not None  # HDPiSSAOptimizer (int step counts)
+    own = state.is_hd_pissa  # HDPiSSAOptimizer: int step counts, master weights
     specs = {id(s.param): s for s in factor_specs(model)}
-    for p in _own_optimizer_params(recipe):
+    for p in _own_optimizer_params(state):
         spec = specs.get(id(p))
-        state = {m: torch.zeros_like(p) for m in MOMENTS} if loading else _param_state(opt, p)
+        moments = {m: torch.zeros_like(p) for m in MOMENTS} if loading else _param_state(opt, p)
         for m in MOMENTS:
             if spec is not None:
                 key = f"optimizer.{m}.{spec.key}"
-                out[key] = _sharded(spec, key, state[m], g)
+                out[key] = _sharded(spec, key, moments[m], g)
             elif id(p) in by_param:
                 local, entry = by_param[id(p)]
                 key = f"optimizer.{m}.{local}"
-                out[key] = like(entry, f"optimizer.{m}.{entry.key}", state[m])
+                out[key] = like(entry, f"optimizer.{m}.{entry.key}", moments[m])
             else:
                 raise ValueError(f"a trainable parameter of shape {tuple(p.shape)} is neither an adapter factor "
                                  "nor in the model's sharded state dict: --ckpt-format torch_dist cannot place it")
@@ -153,7 +165,7 @@ def sharded_state(recipe, loading: bool = False) -> tuple[dict, dict, list]:
     for spec in specs.values():
         out[spec.key] = _sharded(spec, spec.key, torch.empty_like(spec.param) if loading else spec.param.detach(), g)
         restore.append((spec.key, _assign_param(spec)))
-    store = getattr(opt, "weight_store", None)
+    store = opt.weight_store if own else None
     if store is not None:
         for m in store.masters:
             local, entry = by_param[id(m.weight)]
@@ -166,7 +178,7 @@ def sharded_state(recipe, loading: bool = False) -> tuple[dict, dict, list]:
             key = f"hd_pissa_compensation.{local}"
             out[key] = like(entry, f"hd_pissa_compensation.{entry.key}", torch.empty_like(c) if loading else c)
             restore.append((key, lambda v, c=c: c.copy_(v)))
-    others = getattr(opt, "others_optimizer", None)
+    others = _others_optimizer(state)
     if others is not None:
         out["others_optimizer"] = others.sharded_state_dict(model_ssd, is_loading=loading)
         restore.append(("others_optimizer", others.load_state_dict))
@@ -197,7 +209,7 @@ def _assign_moment(opt, p, moment: str, spec, own: bool):
 
 def gather_master(m, groups) -> torch.Tensor:
     """The whole fp32 master of `m.weight` (every DP rank's row block, padding dropped)."""
-    from megatron_hdpissa.distributed.groups import all_gather_over_dp
+    from megatron_hdpissa.distributed.collectives import all_gather_over_dp
 
     rows, n = m.weight.shape[0], m.weight[0].numel()
     block = torch.zeros((m.block,) + tuple(m.weight.shape[1:]), dtype=torch.float32)
@@ -213,51 +225,52 @@ def _gather_objects(obj) -> list:
     return out
 
 
-def common_state(recipe) -> dict:
+def common_state(state: TrainerState) -> dict:
     """Plain values (weights_only-loadable), identical on every rank, saved once."""
-    g, opt = recipe.groups, recipe.optimizer
+    g, opt, slices = state.groups, state.optimizer, len(state.data)
     mine = {"coords": [g.dp_rank, g.tp_rank, g.pp_rank],
-            "slices": {str(g.dp_rank * recipe.slices + v): it.state_dict() for v, it in enumerate(recipe.iterators)},
-            "rng": checkpointing.rng_state()}
+            "slices": {str(g.dp_rank * slices + v): it.state_dict() for v, it in enumerate(state.data)},
+            "rng": rng_state()}
     everyone = _gather_objects(mine)
     data = {}
     for r in everyone:
         data.update(r["slices"])
-    steps = sorted({int(opt.state[p]["step"]) for p in _own_optimizer_params(recipe) if p in opt.state})
+    steps = sorted({int(opt.state[p]["step"]) for p in _own_optimizer_params(state) if p in opt.state})
     if len(steps) > 1:
         raise ValueError(f"the optimizer's parameters have taken different numbers of steps {steps}; "
                          "--ckpt-format torch_dist stores one count")
-    common = {"iteration": recipe.iteration, "adam_step": steps[0] if steps else 0, "meta": recipe.meta,
+    common = {"iteration": state.iteration, "adam_step": steps[0] if steps else 0, "meta": state.meta,
               "data": data, "rng": {",".join(map(str, r["coords"])): r["rng"] for r in everyone},
-              "num_slices": g.dp_size * recipe.slices}
-    if hasattr(opt, "weight_store"):
+              "num_slices": g.dp_size * slices}
+    if state.is_hd_pissa:
         common.update(num_steps=opt.num_steps, skipped_steps=opt.skipped_steps, master_mode=opt.master_mode)
         if opt.grad_scaler is not None:
-            common["grad_scaler"] = clip_grads.scaler_state(opt.grad_scaler)
+            common["grad_scaler"] = scaler_state(opt.grad_scaler)
     return {"training": common}
 
 
 # ---- save and load ---------------------------------------------------------------------------------
-def save(recipe, save_dir, write_rank0_files=None):
-    """Collective: the whole training state as one torch_dist checkpoint (atomic; see
-    `dist_checkpoint.save_dist_checkpoint`)."""
-    from megatron_hdpissa.checkpoint.dist import MODEL_KEY, save_dist_checkpoint
-
-    if hasattr(recipe.optimizer, "finish_param_gather"):
-        recipe.optimizer.finish_param_gather()
-    extra, model_ssd, _ = sharded_state(recipe)
-    state = {MODEL_KEY: model_ssd, **extra}
-    layout = {"tp": recipe.groups.tp_size, "pp": recipe.groups.pp_size, "dp": recipe.groups.dp_size,
-              "world": dist.get_world_size()}
-    return save_dist_checkpoint(save_dir, recipe.iteration, state, common_state=common_state(recipe),
-                                write_rank0_files=write_rank0_files, layout=layout)
+def save(state: TrainerState, save_dir) -> Path:
+    """Collective: the whole training state as one torch_dist checkpoint of iteration
+    `state.iteration` (atomic; see `dist.save_dist_checkpoint`), with hd_pissa/meta.json in the
+    iteration folder and the base's model_config.json and tokenizer/ next to it."""
+    if world_rank() == 0:
+        copy_base_files(save_dir, state.base_dir)
+    if state.is_hd_pissa:
+        state.optimizer.finish_param_gather()
+    extra, model_ssd, _ = sharded_state(state)
+    g = state.groups
+    layout = {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, "world": dist.get_world_size()}
+    return save_dist_checkpoint(save_dir, state.iteration, {MODEL_KEY: model_ssd, **extra},
+                                common_state=common_state(state), layout=layout,
+                                write_rank0_files=lambda tmp_iter_dir: write_meta(tmp_iter_dir, state.meta))
 
 
 def check_compatible(saved: dict, expected: dict, load_dir) -> None:
     """A torch_dist checkpoint resumes at any TP / PP; what it may not change is the method, the
     rank and the number of slices K = DP x virtual ranks (each slice is one block of singular
     components with its own data shard: another K is another method and another batch order)."""
-    for key, flag in (("peft", "--peft"), ("rank", "--hd-pissa-rank")):
+    for key, flag in (("peft", "--peft"), ("rank", rank_flag(expected))):
         if saved.get(key) != expected.get(key):
             raise ValueError(f"cannot resume from {load_dir}: it was saved with {flag} {saved.get(key)}, this "
                              f"run has {expected.get(key)}")
@@ -281,40 +294,38 @@ def check_compatible(saved: dict, expected: dict, load_dir) -> None:
             "(tools/convert_megatron_to_hf.py, then tools/convert_hf_to_megatron.py)")
 
 
-def load(recipe, iter_dir) -> str:
-    """Collective: restore the training state into an already set-up recipe (the model's weights
-    were loaded by `setup_model`). Returns a note on the RNG: restored, or reseeded."""
-    from megatron_hdpissa.checkpoint.dist import load_dist_checkpoint
-
-    g, opt = recipe.groups, recipe.optimizer
-    extra, _, restore = sharded_state(recipe, loading=True)
+def load(state: TrainerState, load_dir) -> Restored:
+    """Collective: restore the training state of `load_dir`'s tracked iteration into an already
+    set-up `state` (the model's weights were loaded with the model), at any TP / PP. The RNG
+    states are restored at the saved layout, else reseeded (`trainer_state.reseed`)."""
+    iter_dir = Path(load_dir) / iteration_dir_name(read_tracker(load_dir))
+    g, opt, own = state.groups, state.optimizer, state.is_hd_pissa
+    extra, _, restore = sharded_state(state, loading=True)
     loaded = load_dist_checkpoint(iter_dir, extra)
     common = loaded["training"]
-    own = hasattr(opt, "weight_store")
     if own and common.get("master_mode") != opt.master_mode:
         raise ValueError(f"{iter_dir} was written with --hd-pissa-master-weights {common.get('master_mode')}, "
                          f"this run uses {opt.master_mode}")
     for key, assign in restore:
         assign(loaded[key])
     step = int(common["adam_step"])
-    for p in _own_optimizer_params(recipe):
+    for p in _own_optimizer_params(state):
         if p in opt.state:
             opt.state[p]["step"] = step if own else torch.tensor(float(step))
     if own:
         opt.num_steps, opt.skipped_steps = int(common["num_steps"]), int(common["skipped_steps"])
         if opt.grad_scaler is not None and "grad_scaler" in common:
-            clip_grads.load_scaler_state(opt.grad_scaler, common["grad_scaler"])
+            load_scaler_state(opt.grad_scaler, common["grad_scaler"])
         opt.refresh_gathered_factors()
-    for v, it in enumerate(recipe.iterators):
-        it.load_state_dict(common["data"][str(g.dp_rank * recipe.slices + v)])
-    recipe.iteration = int(common["iteration"])
+    slices = len(state.data)
+    for v, it in enumerate(state.data):
+        it.load_state_dict(common["data"][str(g.dp_rank * slices + v)])
+    iteration = int(common["iteration"])
     rng = common["rng"].get(f"{g.dp_rank},{g.tp_rank},{g.pp_rank}")
-    saved = loaded.get("hdpissa_layout", {})
+    saved = loaded.get(COMMON_LAYOUT_KEY, {})
     if rng is not None and (saved.get("tp"), saved.get("pp"), saved.get("dp")) == (g.tp_size, g.pp_size, g.dp_size):
-        checkpointing.set_rng_state(rng)
-        return "RNG states restored"
-    seed = recipe.args.seed + 100003 * recipe.iteration + dist.get_rank()
-    torch.manual_seed(seed)
-    random.seed(seed)
-    return (f"saved at TP={saved.get('tp')} PP={saved.get('pp')} DP={saved.get('dp')}: RNG reseeded "
-            "(--seed + 100003 x iteration + global rank)")
+        set_rng_state(rng)
+        return Restored(iteration, "RNG states restored")
+    reseed(state.seed, iteration, dist.get_rank())
+    return Restored(iteration, f"saved at TP={saved.get('tp')} PP={saved.get('pp')} DP={saved.get('dp')}: RNG "
+                               f"reseeded (--seed + {RESEED_ITERATION_STRIDE} x iteration + global rank)")

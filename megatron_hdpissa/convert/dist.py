@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_hdpissa.checkpoint import dist as dist_checkpoint
+from megatron_hdpissa.checkpoint.dist import FORMAT_TAG, save_model_checkpoint
+from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
 from megatron_hdpissa.convert.hf_mapping import hf_tensors_from_megatron, megatron_shard_from_hf
-from megatron_hdpissa.convert.hf_sources import _TensorSource
+from megatron_hdpissa.convert.hf_sources import TensorSource
 from megatron_hdpissa.checkpoint.legacy import CheckpointInfo
 from megatron_hdpissa.models.config import ModelConfig, validate_tp
-from megatron_hdpissa.models.pipeline_stages import _layer, validate_pp
+from megatron_hdpissa.models.pipeline_stages import layer_key, validate_pp
 
 
 def _local_layer_names() -> list[tuple[str, str]]:
@@ -31,9 +32,9 @@ def dist_whole_state_dict(iter_dir, config: ModelConfig) -> dict:
     iter_dir = Path(iter_dir)
     renames = _local_layer_names()
     whole: dict = {}
-    layer_key = re.compile(r"decoder\.layers\.(?:(\d+)\.)?(.+)")
-    for key, tensor in dist_checkpoint.read_global_tensors(iter_dir).items():
-        m = layer_key.fullmatch(key)
+    layer_pattern = re.compile(r"decoder\.layers\.(?:(\d+)\.)?(.+)")
+    for key, tensor in read_global_tensors(iter_dir).items():
+        m = layer_pattern.fullmatch(key)
         if m is None:
             if key.startswith(("embedding.", "output_layer.", "decoder.final_layernorm.")):
                 whole[key] = tensor
@@ -51,24 +52,25 @@ def dist_whole_state_dict(iter_dir, config: ModelConfig) -> dict:
             if name.startswith(sharded):
                 name = local + name[len(sharded):]
         for i, t in items:
-            whole[_layer(i, name)] = t
+            whole[layer_key(i, name)] = t
     for i in range(config.num_layers):  # swiglu saved as two tensors (singleton local shards)
-        w, v = _layer(i, "mlp.linear_fc1.weight_w"), _layer(i, "mlp.linear_fc1.weight_v")
+        w, v = layer_key(i, "mlp.linear_fc1.weight_w"), layer_key(i, "mlp.linear_fc1.weight_v")
         if w in whole:
-            whole[_layer(i, "mlp.linear_fc1.weight")] = torch.cat([whole.pop(w), whole.pop(v)], dim=0)
+            whole[layer_key(i, "mlp.linear_fc1.weight")] = torch.cat([whole.pop(w), whole.pop(v)], dim=0)
     if not whole:
         raise ValueError(f"{iter_dir}: the torch_dist checkpoint holds no GPTModel tensors")
     return whole
 
 
-def _dist_rank_state_dict(info: CheckpointInfo, tp_rank: int, tp_size: int, pp_rank: int,
-                          pp_size: int) -> dict:
+def dist_rank_state_dict(info: CheckpointInfo, tp_rank: int, tp_size: int, pp_rank: int,
+                         pp_size: int) -> dict:
+    """A torch_dist checkpoint's state dict for (TP rank, stage) of any layout, resliced in this process."""
     config = ModelConfig.load(info.directory)
     validate_tp(config, tp_size)
     validate_pp(config, pp_size)
     whole = dist_whole_state_dict(info.iter_dir, config)
     hf = dict(hf_tensors_from_megatron([whole], config))
-    return megatron_shard_from_hf(_TensorSource(hf, info.iter_dir), config, tp_size, tp_rank,
+    return megatron_shard_from_hf(TensorSource(hf, info.iter_dir), config, tp_size, tp_rank,
                                   pp_size=pp_size, pp_rank=pp_rank)
 
 
@@ -100,7 +102,7 @@ def _single_process_group():
 def save_whole_as_dist(whole: dict, config: ModelConfig, save_dir, iteration: int | str = 0) -> Path:
     """Write a whole-model (TP=1, PP=1) state dict as a torch_dist checkpoint iteration under
     `save_dir` through a real megatron-core GPTModel's `sharded_state_dict()` (one process)."""
-    from megatron_hdpissa.models.config import build_gpt_model
+    from megatron_hdpissa.models.gpt import build_gpt_model
 
     dtype = whole["embedding.word_embeddings.weight"].dtype
     with _single_process_group():
@@ -110,10 +112,8 @@ def save_whole_as_dist(whole: dict, config: ModelConfig, save_dir, iteration: in
         if missing or unexpected:
             raise ValueError(f"state dict does not fit the {config.model_type} GPTModel: missing "
                              f"{missing[:5]}, unexpected {unexpected[:5]}")
-        return dist_checkpoint.save_model_checkpoint(
+        return save_model_checkpoint(
             model, save_dir, iteration, layout={"tp": 1, "pp": 1, "dp": 1, "world": 1},
             common_state={"iteration": iteration, "checkpoint_version": 3.0,
-                          "format": dist_checkpoint.FORMAT_TAG})
+                          "format": FORMAT_TAG})
 
-
-__all__ = ["dist_whole_state_dict", "save_whole_as_dist"]

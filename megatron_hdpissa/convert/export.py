@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_hdpissa.checkpoint.training_state import model_file, split_state_dict
+from megatron_hdpissa.checkpoint.atomic import TOKENIZER_DIR, barrier, write_tracker
+from megatron_hdpissa.checkpoint.legacy import rank_checkpoint_path
+from megatron_hdpissa.checkpoint.trainer_state import split_state_dict
+from megatron_hdpissa.convert.hf_megatron import convert_megatron_to_hf
 from megatron_hdpissa.distributed.groups import ParallelGroups
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+from megatron_hdpissa.models.config import MODEL_CONFIG_FILE
+from megatron_hdpissa.peft.common import LORA, PISSA
 
 
 def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str, peft: str, log) -> None:
@@ -22,10 +22,8 @@ def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str
     Collective: DP rank 0 of every (TP, PP) position writes its shard into a temporary Megatron
     checkpoint, which rank 0 converts (the converter joins TP shards and pipeline stages)."""
     from megatron_hdpissa.peft.lowrank.model import merge_lowrank
-    from megatron_hdpissa.convert.hf_megatron import TOKENIZER_DIR, convert_megatron_to_hf
-    from megatron_hdpissa.models.config import MODEL_CONFIG_FILE
 
-    if peft in ("lora", "pissa"):
+    if peft in (LORA, PISSA):
         merge_lowrank(model)
     rank0 = (dist.get_rank() if dist.is_initialized() else 0) == 0
     parent = Path(out_dir).absolute().parent
@@ -37,19 +35,19 @@ def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str
         tmp = Path(box[0])
     base, _ = split_state_dict(model)
     if groups.dp_rank == 0:  # every (TP, PP) position writes its shard of the Megatron layout
-        path = model_file(tmp, 0, groups.tp_rank, groups.pp_rank, groups.pp_size)
+        path = rank_checkpoint_path(tmp, 0, groups.tp_rank, groups.pp_rank, groups.pp_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": base, "iteration": 0, "tensor_model_parallel_size": groups.tp_size,
                     "pipeline_model_parallel_size": groups.pp_size}, path)
-    _barrier()
+    barrier()
     if rank0:
         try:
             shutil.copy2(base_dir / MODEL_CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
             if (base_dir / TOKENIZER_DIR).is_dir():
                 shutil.copytree(base_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
-            (tmp / "latest_checkpointed_iteration.txt").write_text("0\n")
+            write_tracker(tmp, 0)
             convert_megatron_to_hf(tmp, out_dir, force=True, progress=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log(f"exported the merged model to {out_dir}")
-    _barrier()
+    barrier()

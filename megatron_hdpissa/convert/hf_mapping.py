@@ -8,9 +8,9 @@ import torch
 
 from megatron_hdpissa.convert.hf_sources import SafetensorsFolder
 from megatron_hdpissa.models.config import ModelConfig, validate_tp
-from megatron_hdpissa.models.pipeline_stages import _layer, merge_pipeline_shards, stage_layers, validate_pp
+from megatron_hdpissa.models.pipeline_stages import layer_key, merge_pipeline_shards, stage_layers, validate_pp
 
-_IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 # Qwen3's per-head q / k RMSNorm: HF `self_attn.{q,k}_norm` <-> megatron `self_attention.{q,k}_layernorm`
 _QK_NORMS = (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm"))
 
@@ -60,7 +60,7 @@ def megatron_shard_from_hf(
         return src.rows("model.embed_tokens.weight", (c.vocab_size, h), t * vocab_part, (t + 1) * vocab_part)
 
     def local(i: int, name: str) -> str:  # HF reads use the global index i, keys the stage's
-        return _layer(i - layers.start, name)
+        return layer_key(i - layers.start, name)
 
     sd: dict[str, torch.Tensor | None] = {}
     if first:
@@ -108,7 +108,8 @@ def megatron_shard_from_hf(
     return sd
 
 
-def _expected_hf_keys(config: ModelConfig) -> set[str]:
+def expected_hf_keys(config: ModelConfig) -> set[str]:
+    """The HF tensor names a model of `config` has (a tied head may still be stored)."""
     keys = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         keys.add("lm_head.weight")
@@ -156,7 +157,7 @@ def hf_tensors_from_megatron(shards, config: ModelConfig, names: list[str] | Non
     def qkv(i: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         parts = {"q": [], "k": [], "v": []}
         for r in range(tp):
-            w = get(r, _layer(i, f"self_attention.linear_qkv.{kind}"))
+            w = get(r, layer_key(i, f"self_attention.linear_qkv.{kind}"))
             tail = tuple(w.shape[1:])
             grouped = w.view(groups_per_rank, (q_per_group + 2) * hd, *tail)
             q, k, v = torch.split(grouped, [q_per_group * hd, hd, hd], dim=1)
@@ -169,7 +170,7 @@ def hf_tensors_from_megatron(shards, config: ModelConfig, names: list[str] | Non
     def fc1(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         gates, ups = [], []
         for r in range(tp):
-            gate, up = torch.chunk(get(r, _layer(i, "mlp.linear_fc1.weight")), 2, dim=0)
+            gate, up = torch.chunk(get(r, layer_key(i, "mlp.linear_fc1.weight")), 2, dim=0)
             gates.append(gate)
             ups.append(up)
         return torch.cat(gates, dim=0), torch.cat(ups, dim=0)
@@ -184,26 +185,26 @@ def hf_tensors_from_megatron(shards, config: ModelConfig, names: list[str] | Non
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
         i, rest = int(m.group(1)), m.group(2)
         if rest == "input_layernorm.weight":
-            return get(0, _layer(i, "input_layernorm.weight"))
+            return get(0, layer_key(i, "input_layernorm.weight"))
         if rest == "post_attention_layernorm.weight":
-            return get(0, _layer(i, "pre_mlp_layernorm.weight"))
+            return get(0, layer_key(i, "pre_mlp_layernorm.weight"))
         if rest == "self_attn.o_proj.weight":
-            return cat(_layer(i, "self_attention.linear_proj.weight"), 1)
+            return cat(layer_key(i, "self_attention.linear_proj.weight"), 1)
         if rest == "mlp.down_proj.weight":
-            return cat(_layer(i, "mlp.linear_fc2.weight"), 1)
+            return cat(layer_key(i, "mlp.linear_fc2.weight"), 1)
         for hf_norm, mc_norm in _QK_NORMS:
             if rest == f"self_attn.{hf_norm}.weight":
-                return get(0, _layer(i, f"self_attention.{mc_norm}.weight"))
+                return get(0, layer_key(i, f"self_attention.{mc_norm}.weight"))
         if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
             return fc1(i)[0 if "gate" in rest else 1]
         proj, kind = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest).groups()
         return qkv(i, kind)["qkv".index(proj)]
 
-    for name in names if names is not None else _hf_names(config):
+    for name in names if names is not None else hf_names(config):
         yield name, build(name).contiguous()
 
 
-def _hf_names(config: ModelConfig) -> list[str]:
+def hf_names(config: ModelConfig) -> list[str]:
     """HF tensor names in model order (embeddings, layers, norm, head)."""
     names = ["model.embed_tokens.weight"]
     for i in range(config.num_layers):
@@ -223,7 +224,8 @@ def _hf_names(config: ModelConfig) -> list[str]:
     return names
 
 
-def _hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
+def hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
+    """The whole shape of HF tensor `name` of a model of `config`."""
     c = config
     h, q, kv = c.hidden_size, c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -240,5 +242,3 @@ def _hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
         "mlp.up_proj.weight": (c.ffn_hidden_size, h), "mlp.down_proj.weight": (h, c.ffn_hidden_size),
     }[rest]
 
-
-__all__ = ["hf_tensors_from_megatron", "megatron_shard_from_hf"]

@@ -1,7 +1,8 @@
-"""Tensors by name for the HF -> megatron slicing: an HF folder's safetensors read lazily, or tensors in memory."""
+"""An HF folder read lazily by tensor name (or tensors in memory) for the HF -> megatron slicing, and its other files copied."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ class SafetensorsFolder:
 
 
 # ---- whole HF tensors already in memory -------------------------------------------------------
-class _TensorSource:
+class TensorSource:
     """`SafetensorsFolder`'s slicing interface over in-memory whole HF tensors."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], where: Path):
@@ -87,4 +88,20 @@ class _TensorSource:
         return self.full(key, shape)[:, start:stop].contiguous()
 
 
-__all__ = ["SafetensorsFolder"]
+
+# ---- an HF folder's other files ----------------------------------------------------------------
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
+    """Copy `src`'s files that are neither weights nor the model config / weight index (the
+    tokenizer and the like) into `dst`; returns their names."""
+    copied = []
+    for path in sorted(src.iterdir()):
+        if (path.is_file() and not path.name.startswith(".") and path.name not in _NOT_COPIED
+                and not path.name.endswith(_WEIGHT_SUFFIXES)):
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied

@@ -4,7 +4,7 @@
 buffers, bucketed all-reduce, overlapped with the backward pass when asked). The HD-PiSSA factors
 are per-rank parameters: every data-parallel rank trains its own slice, so their gradients must
 not be averaged over DP. megatron-core supports per-rank parameters only through its MoE route
-(DESIGN §4): the factors are marked `allreduce = False`, which puts them in DDP's "expert" buffer,
+(docs/DESIGN.md §10): the factors are marked `allreduce = False`, which puts them in DDP's "expert" buffer,
 and the process-group collection handed to DDP gives that buffer a one-rank expert-DP group, so
 its reduction is a no-op. DDP still pre-scales those gradients by 1/dp (it assumes the loss is
 averaged over all DP ranks); `HDPiSSAOptimizer` reads the scale back from DDP's buffers and
@@ -27,9 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
-from megatron_hdpissa.models.compat import ensure_cpu_compat
 from megatron_hdpissa.distributed.groups import singleton_group
+from megatron_hdpissa.models.compat import ensure_cpu_compat
+from megatron_hdpissa.peft.common import ConfigError
+from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
+
+OTHERS_OPTIMIZERS = ("auto", "megatron", "builtin")  # who steps the non-factor parameters under DDP
 
 
 def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -123,8 +126,8 @@ def build_others_optimizer(ddp, lr: float, weight_decay: float, betas, eps: floa
     for overflow and clips the gradients of all parameters together (the factors' differ per
     rank, so those decisions need all ranks) before it calls this optimizer's `step()`.
     """
-    if choice not in ("auto", "megatron", "builtin"):
-        raise ValueError(f"--hd-pissa-others-optimizer must be auto, megatron or builtin, got {choice!r}")
+    if choice not in OTHERS_OPTIMIZERS:
+        raise ConfigError("others_optimizer", f"{{name}} must be one of {OTHERS_OPTIMIZERS}, got {choice!r}")
     factors = {id(p) for p in factor_parameters(ddp.module)}
     others = [p for p in ddp.module.parameters() if p.requires_grad and id(p) not in factors]
     if not others or choice == "builtin":

@@ -122,22 +122,56 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
-def _give_modules_torch(proxy: types.ModuleType, names: tuple[str, ...]) -> None:
-    """Replace `torch` inside each named megatron-core module (where it is torch itself)."""
+OPTIMIZER_MODULES = ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
+                     "megatron.core.optimizer.grad_scaler", "megatron.core.utils")
+PIPELINE_MODULES = ("megatron.core.pipeline_parallel.schedules", "megatron.core.pipeline_parallel.p2p_communication")
+
+
+class MegatronCoreChanged(RuntimeError):
+    """A megatron-core name the CPU shims replace is gone: the shim would silently stop working."""
+
+
+def megatron_core_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:  # a source checkout on the path
+        import megatron.core
+
+        return str(getattr(megatron.core, "__version__", "unknown"))
+
+
+def check_patch_targets(targets) -> None:
+    """Raise `MegatronCoreChanged` naming the attribute, its module and the installed megatron-core
+    version when any `(owner, attribute)` in `targets` no longer exists."""
+    for owner, name in targets:
+        if not hasattr(owner, name):
+            where = owner.__name__ if isinstance(owner, types.ModuleType) else \
+                f"{owner.__module__}.{owner.__qualname__}"
+            raise MegatronCoreChanged(
+                f"megatron_hdpissa's CPU shim replaces {where}.{name}, which megatron-core "
+                f"{megatron_core_version()} does not have (renamed or removed): update "
+                "megatron_hdpissa/models/compat.py for this release, or run on CUDA")
+
+
+def _import_modules(names: tuple[str, ...]) -> list[types.ModuleType]:
     import importlib
 
+    modules = []
     for name in names:
         try:
-            module = importlib.import_module(name)
+            modules.append(importlib.import_module(name))
         except ImportError:  # pragma: no cover - layout of another megatron-core release
             continue
-        if getattr(module, "torch", None) is torch:
+    return modules
+
+
+def _give_modules_torch(proxy: types.ModuleType, modules: list[types.ModuleType]) -> None:
+    """Replace `torch` inside each megatron-core module (where it is torch itself)."""
+    for module in modules:
+        if module.torch is torch:
             module.torch = proxy
-
-
-def _patch_optimizer_modules() -> None:
-    _give_modules_torch(_CpuTorch(), ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
-                                      "megatron.core.optimizer.grad_scaler", "megatron.core.utils"))
 
 
 # ---- pipeline parallelism: megatron-core's schedules and p2p communication on CPU -------------
@@ -156,19 +190,14 @@ class _CpuCuda(types.ModuleType):
         return getattr(torch.cuda, name)
 
 
-def _patch_pipeline_modules() -> None:
+def _patch_pipeline_modules(modules: list[types.ModuleType], language_module: type) -> None:
     """The schedules allocate their token counters with `device="cuda"` and p2p calls
     `torch.cuda.synchronize()`; a GPTModel stage that holds the tied output layer moves it with
     `weight.data.cuda()` before all-reducing it with the first stage (at PP > 1)."""
     proxy = _CpuTorch()
     proxy.cuda = _CpuCuda()
-    _give_modules_torch(proxy, ("megatron.core.pipeline_parallel.schedules",
-                                "megatron.core.pipeline_parallel.p2p_communication"))
-    try:
-        from megatron.core.models.common.language_module.language_module import LanguageModule
-    except ImportError:  # pragma: no cover
-        return
-    setup = LanguageModule.setup_embeddings_and_output_layer
+    _give_modules_torch(proxy, modules)
+    setup = language_module.setup_embeddings_and_output_layer
 
     def setup_on_cpu(self):
         cuda = torch.Tensor.cuda
@@ -178,7 +207,7 @@ def _patch_pipeline_modules() -> None:
         finally:
             torch.Tensor.cuda = cuda
 
-    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+    language_module.setup_embeddings_and_output_layer = setup_on_cpu
 # ---- end of the pipeline-parallel block -------------------------------------------------------
 
 
@@ -194,7 +223,8 @@ def ensure_cpu_compat() -> bool:
     megatron-core's optimizer modules (`get_megatron_optimizer`'s fp32 path, gradient
     clipping, the loss scalers) get a `torch` whose tensor factories map `device='cuda'` to the
     CPU; megatron-core's `DistributedDataParallel` needs `torch.cuda.current_device` and (from
-    0.19) a `torch.cuda.current_stream` whose waits do nothing.
+    0.19) a `torch.cuda.current_stream` whose waits do nothing. Every megatron-core name replaced
+    is checked first: one that no longer exists raises `MegatronCoreChanged` and nothing is patched.
     """
     global _applied
     if _applied:
@@ -202,22 +232,32 @@ def ensure_cpu_compat() -> bool:
     if torch.cuda.is_available():
         return False
 
-    torch.cuda.current_device = _cpu_device
-    torch.cuda.current_stream = _null_stream
-
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as transformer_utils
 
-    transformer_utils.get_default_causal_mask = _default_causal_mask
-    transformer_utils.get_sliding_window_causal_mask = _sliding_window_causal_mask
+    mask_modules = [transformer_utils]
     try:  # modules that imported the mask functions by name
         from megatron.core.fusions import fused_softmax
 
-        fused_softmax.get_default_causal_mask = _default_causal_mask
-        fused_softmax.get_sliding_window_causal_mask = _sliding_window_causal_mask
+        mask_modules.append(fused_softmax)
     except ImportError:
         pass
+    optimizer_modules, pipeline_modules = _import_modules(OPTIMIZER_MODULES), _import_modules(PIPELINE_MODULES)
+    # Every target is checked before anything is patched: a rename fails loudly, and leaves
+    # megatron-core untouched.
+    check_patch_targets(
+        [(m, name) for m in mask_modules for name in ("get_default_causal_mask", "get_sliding_window_causal_mask")]
+        + [(mcore_random, name) for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker",
+                                             "_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")]
+        + [(m, "torch") for m in optimizer_modules + pipeline_modules]
+        + [(LanguageModule, "setup_embeddings_and_output_layer")])
 
-    from megatron.core.tensor_parallel import random as mcore_random
+    torch.cuda.current_device = _cpu_device
+    torch.cuda.current_stream = _null_stream
+    for module in mask_modules:
+        module.get_default_causal_mask = _default_causal_mask
+        module.get_sliding_window_causal_mask = _sliding_window_causal_mask
 
     # Used by the tracker's base class and by activation recomputation (CheckpointFunction).
     mcore_random._get_cuda_rng_state = _cpu_get_rng_state
@@ -230,7 +270,7 @@ def ensure_cpu_compat() -> bool:
     mcore_random._CUDA_RNG_STATE_TRACKER = None
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
 
-    _patch_optimizer_modules()
-    _patch_pipeline_modules()
+    _give_modules_torch(_CpuTorch(), optimizer_modules)
+    _patch_pipeline_modules(pipeline_modules, LanguageModule)
     _applied = True
     return True

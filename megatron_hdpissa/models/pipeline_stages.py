@@ -10,7 +10,8 @@ _LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
 # ---- megatron-core parameter names ------------------------------------------------------------
-def _layer(i: int, name: str) -> str:
+def layer_key(i: int, name: str) -> str:
+    """The state-dict key of `name` in decoder layer `i`."""
     return f"decoder.layers.{i}.{name}"
 
 
@@ -44,7 +45,7 @@ def _stage_of_key(key: str, config: ModelConfig, pp_size: int) -> tuple[int, str
         if not 0 <= i < config.num_layers:
             raise ValueError(f"state dict key {key!r}: layer {i} outside the model's {config.num_layers} layers")
         per_stage = config.num_layers // pp_size
-        return i // per_stage, _layer(i % per_stage, rest)
+        return i // per_stage, layer_key(i % per_stage, rest)
     if key.startswith("embedding."):
         return 0, key
     if key.startswith(("decoder.final_layernorm.", "output_layer.")):
@@ -98,7 +99,7 @@ def merge_pipeline_stages(stage_state_dicts, config: ModelConfig) -> dict:
                         f"pipeline stage {pp_rank} holds {key!r}, but with {PP_FLAG} {pp_size} a "
                         f"stage of this {config.num_layers}-layer model has {per_stage} layers"
                     )
-                key = _layer(pp_rank * per_stage + i, m.group(2))
+                key = layer_key(pp_rank * per_stage + i, m.group(2))
             elif (pp_size > 1 and pp_rank == pp_size - 1 and config.tie_word_embeddings
                   and key == "output_layer.weight"):
                 continue  # the last stage's copy of the tied word embedding
@@ -129,7 +130,7 @@ def merge_pipeline_shards(shards, config: ModelConfig) -> list[dict]:
     return [merge_pipeline_stages(stages, config) for stages in grid]
 
 
-def _pipeline_rank_and_size(pp_rank: int | None, pp_size: int | None) -> tuple[int, int]:
+def pipeline_rank_and_size(pp_rank: int | None, pp_size: int | None) -> tuple[int, int]:
     """This rank's pipeline stage and size: what the caller passed, else megatron-core's
     initialised groups, else (0, 1)."""
     from megatron.core import parallel_state as ps
@@ -142,5 +143,5 @@ def _pipeline_rank_and_size(pp_rank: int | None, pp_size: int | None) -> tuple[i
     return pp_rank, pp_size
 
 
-__all__ = ["PP_FLAG", "merge_pipeline_shards", "merge_pipeline_stages", "pipeline_stage_state_dict",
-           "split_pipeline_stages", "stage_layers", "validate_pp"]
+__all__ = ["PP_FLAG", "layer_key", "merge_pipeline_shards", "merge_pipeline_stages", "pipeline_rank_and_size",
+           "pipeline_stage_state_dict", "split_pipeline_stages", "stage_layers", "validate_pp"]

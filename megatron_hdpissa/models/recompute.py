@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# megatron-core's --recompute-granularity and --recompute-method values.
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 # megatron-core's CheckpointFunction is a reentrant autograd.Function: the adapter factors are
 # not among its inputs, so if none of its tensor inputs requires grad its outputs do not either,
 # its backward never runs and every adapter inside it silently keeps a zero gradient. With a

@@ -1,1 +1,1 @@
-"""Optimizers: per-rank AdamW on the factors, the delta aggregation into W, masters, clipping."""
+"""Optimizers: one AdamW rule for all methods, HD-PiSSA's per-rank step and merge, the baselines' AdamW."""

@@ -8,13 +8,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_hdpissa.distributed.collectives import (
+    all_gather_into, all_gather_over_dp, any_rank, buckets, reduce_scatter_over_dp, sum_over_dp_,
+)
+from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.optimizer.master_weights import MasterWeights
+from megatron_hdpissa.peft.common import ConfigError
+from megatron_hdpissa.peft.hd_pissa.config import AGGREGATION
 from megatron_hdpissa.peft.hd_pissa.layer import HDPiSSAAdapter
 from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
-from megatron_hdpissa.distributed.groups import (ParallelGroups, all_gather_into, all_gather_over_dp, any_rank, buckets,
-                          reduce_scatter_over_dp)
-from megatron_hdpissa.optimizer.master_weights import MasterWeights
 
-PATHS = ("auto", "factors", "dense")
+# position weights i mod a prime: a moved value changes the fingerprint, and no power-of-two row length aligns with it
+FINGERPRINT_MODULUS = 1009
 
 
 @dataclass
@@ -48,8 +53,8 @@ def build_entries(model: nn.Module) -> list[Entry]:
 def choose_paths(entries: list[Entry], aggregation: str) -> None:
     """Per entry, how its update travels: the deltas `K r (m + n)` ("factors") or the dense
     `m n` update ("dense"); "auto" takes whichever is smaller."""
-    if aggregation not in PATHS:
-        raise ValueError(f"unknown --hd-pissa-aggregation {aggregation!r}")
+    if aggregation not in AGGREGATION:
+        raise ConfigError("aggregation", f"{{name}} must be one of {AGGREGATION}, got {aggregation!r}")
     for e in entries:
         k, m_loc, r = e.adapter.all_factors(e.part.name)[1].shape
         n_loc = e.a.shape[-1]
@@ -164,7 +169,7 @@ class DeltaAggregator:
             flat = torch.cat([u.reshape(-1) for u in updates])
             if self.groups.dp_size > 1:
                 sent += flat.numel() * flat.element_size()
-                dist.all_reduce(flat, group=self.groups.dp_group)
+            sum_over_dp_(flat, self.groups)
             off = 0
             for (entry, _, _), u in zip(bucket, updates):
                 self.masters.subtract(entry, flat[off:off + u.numel()].view_as(u), rows_subset=entry.block_sel)
@@ -227,12 +232,11 @@ def check_consistency(entries: list[Entry], groups: ParallelGroups, step: int) -
             continue
         seen.add(id(e.weight))
         w = e.weight.detach().double().reshape(-1)
-        idx = torch.arange(w.numel(), device=w.device, dtype=torch.float64).remainder_(1009)
+        idx = torch.arange(w.numel(), device=w.device, dtype=torch.float64).remainder_(FINGERPRINT_MODULUS)
         prints.append(torch.stack([w.sum(), (w * w).sum(), (w * idx).sum()]))
         names.append(e.name)
     local = torch.stack(prints)
-    gathered = [torch.empty_like(local) for _ in range(groups.dp_size)]
-    dist.all_gather(gathered, local, group=groups.dp_group)
+    gathered = all_gather_over_dp(local.reshape(-1), groups)[0].view(groups.dp_size, *local.shape)
     found = None  # (layer index, DP rank) of the first difference
     for rank, other in enumerate(gathered):
         diff = (other != local).any(dim=1)

@@ -1,72 +1,63 @@
-"""The global gradient norm over DP, TP and PP, the overflow skip it decides, clipping and the loss scale."""
+"""The global gradient norm over DP, TP and PP, the skip-on-non-finite decision it takes, and clipping."""
 from __future__ import annotations
 
 import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron_hdpissa.distributed.groups import ParallelGroups, squared_norms
+from megatron_hdpissa.distributed.collectives import squared_norms, sum_over_dp_
+from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.optimizer.grad_scaler import record_overflow, unscale_
+
+CLIP_EPS = 1e-6  # added to the norm in the clipping coefficient, as megatron-core and torch do
 
 
-def global_grad_norm(factor_grads: list[tuple[bool, torch.Tensor]], other_grads: list[tuple[bool, torch.Tensor]],
+def grads_for_norm(params, grads) -> list[tuple[bool, torch.Tensor]]:
+    """(is a TP shard, gradient) of each parameter the global norm counts. A parameter megatron-core
+    marks `shared` (the last stage's copy of a tied embedding, whose gradient `finalize_model_grads`
+    has already summed with the first stage's) is left out, as in megatron-core's own norm, so the
+    tied weight is counted once."""
+    return [(bool(getattr(p, "tensor_model_parallel", False)), x) for p, x in zip(params, grads)
+            if not getattr(p, "shared", False)]
+
+
+def global_grad_norm(per_rank_grads: list[tuple[bool, torch.Tensor]], dp_grads: list[tuple[bool, torch.Tensor]],
                      groups: ParallelGroups) -> float:
-    """L2 norm of the gradient of the whole HD-PiSSA model, as (is a TP shard, gradient) lists:
-    every DP rank's own factors (summed over DP) and the DP-averaged other parameters (counted
-    once), over every TP shard and pipeline stage. The same value on every rank; non-finite if
-    any rank's gradient is."""
-    sq = squared_norms([factor_grads, other_grads], groups)
-    factors = sq[:1].clone()
-    if groups.dp_size > 1:
-        dist.all_reduce(factors, group=groups.dp_group)
-    return float((factors[0] + sq[1]).sqrt())
+    """L2 norm of the gradient of the whole model, as (is a TP shard, gradient) lists: parameters
+    each DP rank owns alone (HD-PiSSA's factors; summed over DP) and DP-averaged parameters
+    (counted once), over every TP shard and pipeline stage. The same value on every rank;
+    non-finite if any rank's gradient is."""
+    sq = squared_norms([per_rank_grads, dp_grads], groups)
+    per_rank = sq[:1].clone()
+    sum_over_dp_(per_rank, groups)
+    return float((per_rank[0] + sq[1]).sqrt())
 
 
-def unscale_and_clip_(grads: list[torch.Tensor], factor_grads, other_grads, groups: ParallelGroups,
-                      clip_grad: float, grad_scaler=None, track_norm: bool = False) -> tuple[Optional[float], bool]:
-    """Unscale `grads` (every gradient the step uses) in place (fp16 `grad_scaler`), take the
-    global norm of those in `factor_grads` / `other_grads` (as for `global_grad_norm`; when
-    clipping, loss scaling or `track_norm`), update the scaler and, if the norm is finite, scale
-    `grads` by one coefficient `clip_grad / (norm + 1e-6)` when below 1. Returns (the norm or
-    None, whether to skip the step): a non-finite norm anywhere skips it on every rank, since the
-    merged update needs every rank's deltas."""
-    if grad_scaler is not None:
-        inv = float(grad_scaler.inv_scale)
-        for x in grads:
-            x.mul_(inv)
-    if not (clip_grad > 0 or grad_scaler is not None or track_norm):
-        return None, False
-    norm = global_grad_norm(factor_grads, other_grads, groups)
-    finite = math.isfinite(norm)
-    if grad_scaler is not None:
-        grad_scaler.update(not finite)
-    if not finite:
-        return norm, True
-    coef = clip_grad / (norm + 1e-6)
+def clip_(grads: list[torch.Tensor], norm: float, clip_grad: float) -> None:
+    """Scale `grads` in place by `clip_grad / (norm + eps)` when that is below 1."""
+    coef = clip_grad / (norm + CLIP_EPS)
     if clip_grad > 0 and coef < 1.0:
         for x in grads:
             x.mul_(coef)
+
+
+def unscale_and_clip_(grads: list[torch.Tensor], per_rank_grads, dp_grads, groups: ParallelGroups,
+                      clip_grad: float, grad_scaler=None, track_norm: bool = False) -> tuple[Optional[float], bool]:
+    """The rule every optimizer of the package follows before its AdamW. Unscale `grads` (every
+    gradient the step uses) in place (fp16 `grad_scaler`); take the global norm of those in
+    `per_rank_grads` / `dp_grads` (as for `global_grad_norm`) when clipping, loss scaling or
+    `track_norm`; update the scaler; if the norm is finite, clip `grads` with one coefficient.
+    Returns (the norm or None, whether to skip the step): a non-finite norm anywhere skips it on
+    every rank (HD-PiSSA's merged update needs every rank's deltas; a baseline would write NaN
+    into its weights)."""
+    unscale_(grads, grad_scaler)
+    if not (clip_grad > 0 or grad_scaler is not None or track_norm):
+        return None, False
+    norm = global_grad_norm(per_rank_grads, dp_grads, groups)
+    finite = math.isfinite(norm)
+    record_overflow(grad_scaler, not finite)
+    if not finite:
+        return norm, True
+    clip_(grads, norm, clip_grad)
     return norm, False
-
-
-def scale_loss(loss: torch.Tensor, grad_scaler=None) -> torch.Tensor:
-    """The loss to call backward on: times the loss scale when a grad scaler is set (fp16)."""
-    return loss * grad_scaler.scale if grad_scaler is not None else loss
-
-
-def scaler_state(scaler) -> dict:
-    """A megatron-core grad scaler's state, device-independent."""
-    sd = dict(scaler.state_dict()) if hasattr(scaler, "state_dict") else {}
-    sd["scale"] = scaler.scale.detach().float().cpu().clone()
-    return sd
-
-
-def load_scaler_state(scaler, sd: dict) -> None:
-    """megatron-core's `DynamicGradScaler.load_state_dict` moves the scale with `.cuda()`; do the
-    same on whatever device the scaler lives."""
-    device = scaler.scale.device
-    scaler._scale = sd["scale"].to(device)
-    for key in ("growth_tracker", "hysteresis_tracker"):
-        if key in sd and hasattr(scaler, "_" + key):
-            setattr(scaler, "_" + key, sd[key])

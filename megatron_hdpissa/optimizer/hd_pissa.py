@@ -1,38 +1,26 @@
 """HDPiSSAOptimizer: per-rank AdamW on the factors, then the summed low-rank update merged into W."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from megatron_hdpissa.optimizer import clip_grads
-from megatron_hdpissa.optimizer.aggregation import DeltaAggregator, build_entries, check_consistency, choose_paths, gather_factors
-from megatron_hdpissa.distributed.ddp import build_others_optimizer, factor_gradient_prescale, is_megatron_ddp
-from megatron_hdpissa.distributed.groups import ParallelGroups, average_over_dp_, grads_for_norm
+from megatron_hdpissa.distributed.collectives import average_over_dp_
+from megatron_hdpissa.distributed.ddp import (
+    OTHERS_OPTIMIZERS, build_others_optimizer, factor_gradient_prescale, is_megatron_ddp,
+)
+from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.optimizer.adamw import adamw_deltas, init_state
+from megatron_hdpissa.optimizer.aggregation import (
+    DeltaAggregator, build_entries, check_consistency, choose_paths, gather_factors,
+)
+from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, unscale_and_clip_
+from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scale_loss, scaler_state
 from megatron_hdpissa.optimizer.master_weights import MasterWeights, resolve_mode, unique_weights
-
-
-def _adam_deltas(params, grads, states, lr, beta1, beta2, eps, weight_decay):
-    """What AdamW would subtract from each parameter (torch.optim.AdamW's formula), updating the
-    moments in place. Returns one step tensor per parameter."""
-    deltas = []
-    for p, g, st in zip(params, grads, states):
-        st["step"] += 1
-        step = st["step"]
-        exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias1 = 1 - beta1 ** step
-        bias2 = 1 - beta2 ** step
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-        delta = exp_avg / denom
-        delta.mul_(lr / bias1)
-        if weight_decay:
-            delta.add_(p.detach(), alpha=lr * weight_decay)
-        deltas.append(delta)
-    return deltas
+from megatron_hdpissa.optimizer.phases import PhaseHook, phase
+from megatron_hdpissa.peft.common import ConfigError
+from megatron_hdpissa.peft.hd_pissa.config import BUCKET_SIZE, CONSISTENCY_CHECK_INTERVAL
 
 
 class HDPiSSAOptimizer(torch.optim.Optimizer):
@@ -45,7 +33,8 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     or in Kahan-compensated bf16 (`master_weights`).
 
     Other trainable parameters (e.g. unfrozen norms) are ordinary data parallel: gradients are
-    averaged over the DP group, then AdamW (no weight decay on 1-D parameters, as megatron-core).
+    averaged over the DP group, then AdamW. Weight decay follows `adamw.decays` for every
+    parameter (factors decay, 1-D parameters do not), as `DataParallelAdamW` for the baselines.
     Parameter group 0 holds the factors, group 1 (if any) the other parameters, so LR schedulers
     work as usual.
 
@@ -60,6 +49,10 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     `grad_scaler` (fp16; megatron-core's `DynamicGradScaler` or `ConstantGradScaler`): backward
     on `scale_loss(loss)`; `step` unscales, and an overflow on any rank skips the step on every
     rank of every stage (`last_step_skipped`) and backs the scale off.
+
+    `phase_hook(name)`, when set, wraps each phase of `step`: "clip", "adam", "aggregate" and
+    "param_gather" (the latter also in `finish_param_gather`), each also a profiler range
+    `hd_pissa.optimizer.<name>` (`phases`).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -68,9 +61,12 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                  bucket_size: Optional[int] = None, clip_grad: float = 0.0, grad_scaler=None,
                  others_optimizer: str = "auto"):
         if lr < 0:
-            raise ValueError(f"--lr must be >= 0, got {lr}")
+            raise ConfigError("lr", f"{{name}} must be >= 0, got {lr}")
         if clip_grad is None or clip_grad < 0:
-            raise ValueError(f"--clip-grad must be >= 0 (0 disables clipping), got {clip_grad}")
+            raise ConfigError("clip_grad", f"{{name}} must be >= 0 (0 disables clipping), got {clip_grad}")
+        if others_optimizer not in OTHERS_OPTIMIZERS:
+            raise ConfigError("others_optimizer",
+                              f"{{name}} must be one of {OTHERS_OPTIMIZERS}, got {others_optimizer!r}")
         self.ddp = None
         if is_megatron_ddp(model):  # megatron-core DDP: gradients arrive in param.main_grad
             self.ddp, model = model, model.module
@@ -89,8 +85,8 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self.entries = entries
         self.groups = groups or getattr(model, "hd_pissa_groups", None) or ParallelGroups.from_megatron()
         self.update_factors = bool(getattr(cfg, "update_factors", False))
-        self.check_interval = int(getattr(cfg, "consistency_check_interval", 0))
-        self.bucket_size = int(bucket_size or getattr(cfg, "bucket_size", 1 << 24))
+        self.check_interval = int(getattr(cfg, "consistency_check_interval", CONSISTENCY_CHECK_INTERVAL))
+        self.bucket_size = int(bucket_size or getattr(cfg, "bucket_size", BUCKET_SIZE))
         self.aggregation = aggregation or getattr(cfg, "aggregation", "auto")
         mode = resolve_mode(master_weights or getattr(cfg, "master_weights", "auto"), unique_weights(entries))
         self.num_steps = 0
@@ -101,18 +97,18 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self.track_grad_norm = False  # compute last_grad_norm even without clipping / loss scaling
         self.last_step_skipped = False
         self.skipped_steps = 0
+        self.phase_hook: Optional[PhaseHook] = None
         # DDP pre-scales the factors' gradients by 1/dp (it assumes a DP-averaged loss): undo it
         self._factor_grad_unscale = 1.0 / factor_gradient_prescale(self.ddp) if self.ddp is not None else 1.0
         if others_optimizer == "megatron" and self.ddp is None:
-            raise ValueError("others_optimizer='megatron' needs a model wrapped with megatron_hdpissa.distributed.ddp.wrap_ddp")
+            raise ConfigError("others_optimizer",
+                              "{name}='megatron' needs a model wrapped with megatron_hdpissa.distributed.ddp.wrap_ddp")
         self.others_optimizer = None  # megatron-core's optimizer for the non-factor parameters
         if self.ddp is not None:
             self.others_optimizer = build_others_optimizer(self.ddp, lr, weight_decay, betas, eps, others_optimizer)
-        elif others_optimizer not in ("auto", "builtin"):
-            raise ValueError(f"others_optimizer must be auto, megatron or builtin, got {others_optimizer!r}")
         choose_paths(entries, self.aggregation)
         self.weight_store = MasterWeights(entries, mode, self.groups, self.bucket_size)
-        if mode == "sharded-fp32":  # through self, so a wrapped finish_param_gather sees the waits
+        if mode == "sharded-fp32":  # through self, so the phase hook sees the waits
             self.weight_store.wait_before_forward({id(e.module): e.module for e in entries}.values(),
                                                   lambda upto: self.finish_param_gather(upto=upto))
         self.aggregator = DeltaAggregator(self.weight_store, self.groups, self.bucket_size, self.update_factors)
@@ -121,20 +117,8 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     master_mode = property(lambda self: self.weight_store.mode)
     masters = property(lambda self: self.weight_store.masters)
     compensation = property(lambda self: self.weight_store.compensation)
-    _pending = property(lambda self: self.weight_store.pending)
-
-    def _weights(self) -> list[torch.Tensor]:
-        return self.weight_store.weights
 
     # -- state ----------------------------------------------------------------------------------
-    def _state_for(self, p):
-        st = self.state[p]
-        if not st:
-            st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return st
-
     def state_dict(self):
         self.finish_param_gather()
         sd = super().state_dict()
@@ -144,7 +128,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         sd["hd_pissa_compensation"] = list(self.compensation)
         sd["hd_pissa_skipped_steps"] = self.skipped_steps
         if self.grad_scaler is not None:
-            sd["hd_pissa_grad_scaler"] = clip_grads.scaler_state(self.grad_scaler)
+            sd["hd_pissa_grad_scaler"] = scaler_state(self.grad_scaler)
         if self.others_optimizer is not None:
             sd["hd_pissa_others_optimizer"] = self.others_optimizer.state_dict()
         return sd
@@ -156,15 +140,15 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         masters = state_dict.pop("hd_pissa_masters", [])
         comp = state_dict.pop("hd_pissa_compensation", [])
         self.skipped_steps = int(state_dict.pop("hd_pissa_skipped_steps", 0))
-        scaler_state = state_dict.pop("hd_pissa_grad_scaler", None)
+        scaler = state_dict.pop("hd_pissa_grad_scaler", None)
         others_state = state_dict.pop("hd_pissa_others_optimizer", None)
-        if scaler_state is not None and self.grad_scaler is not None:
-            clip_grads.load_scaler_state(self.grad_scaler, scaler_state)
+        if scaler is not None and self.grad_scaler is not None:
+            load_scaler_state(self.grad_scaler, scaler)
         if others_state is not None and self.others_optimizer is not None:
             self.others_optimizer.load_state_dict(others_state)
         if mode != self.master_mode:
-            raise ValueError(f"the checkpoint was written with --hd-pissa-master-weights {mode}, "
-                             f"this run uses {self.master_mode}")
+            raise ConfigError("master_weights", f"the checkpoint was written with {{name}} {mode}, "
+                                                f"this run uses {self.master_mode}")
         super().load_state_dict(state_dict)
         self.weight_store.load(masters, comp)
         if self.update_factors:
@@ -185,7 +169,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to call backward on: multiplied by the loss scale when a grad scaler is set
         (fp16), as megatron-core's `optimizer.scale_loss`."""
-        return clip_grads.scale_loss(loss, self.grad_scaler)
+        return scale_loss(loss, self.grad_scaler)
 
     def _factor_grads(self):
         """(factor, is sharded over TP, gradient) for each factor that received a gradient; the
@@ -215,25 +199,33 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         others = [p for gr in self.param_groups if not gr["hd_pissa"] for p in gr["params"]]
         other_pairs = [(p, self._grad(p, factor=False)) for p in others]
         other_pairs = [(p, x) for p, x in other_pairs if x is not None]
-        if self.ddp is None:  # megatron-core DDP has averaged them already
-            average_over_dp_([x for _, x in other_pairs], self.groups)
-        norm, skip = clip_grads.unscale_and_clip_(
-            [x for _, _, x in factor_grads] + [x for _, x in other_pairs], [(sh, x) for _, sh, x in factor_grads],
-            grads_for_norm([p for p, _ in other_pairs], [x for _, x in other_pairs]),
-            self.groups, self.clip_grad, self.grad_scaler, self.track_grad_norm)
+        if self.ddp is None and other_pairs:  # megatron-core DDP has averaged them already
+            with phase("aggregate", self.phase_hook):
+                average_over_dp_([x for _, x in other_pairs], self.groups)
+        with phase("clip", self.phase_hook):
+            norm, skip = unscale_and_clip_(
+                [x for _, _, x in factor_grads] + [x for _, x in other_pairs], [(sh, x) for _, sh, x in factor_grads],
+                grads_for_norm([p for p, _ in other_pairs], [x for _, x in other_pairs]),
+                self.groups, self.clip_grad, self.grad_scaler, self.track_grad_norm)
         if norm is not None:
             self.last_grad_norm = norm
         self.last_step_skipped = skip
         if skip:
             self.skipped_steps += 1
             return loss
-        for group in self.param_groups:
-            if group["hd_pissa"]:
-                self._step_factors(group, {id(p): x for p, _, x in factor_grads})
-            else:
-                self._step_others(group, dict((id(p), x) for p, x in other_pairs))
+        with phase("adam", self.phase_hook):
+            items = []
+            for group in self.param_groups:
+                if group["hd_pissa"]:
+                    items = self._factor_steps(group, {id(p): x for p, _, x in factor_grads})
+                else:
+                    self._step_others(group, {id(p): x for p, x in other_pairs})
+        with phase("aggregate", self.phase_hook):
+            self.last_step_bytes["deltas"] += self.aggregator.factors([it for it in items if it[0].path == "factors"])
+            self.last_step_bytes["dense"] += self.aggregator.dense([it for it in items if it[0].path == "dense"])
         if self.master_mode == "sharded-fp32":
-            self._launch_param_gather()
+            with phase("param_gather", self.phase_hook):
+                self.last_step_bytes["params"] += self.weight_store.launch_param_gather()
         self.num_steps += 1
         if self.check_interval and self.num_steps % self.check_interval == 0:
             self.check_consistency()
@@ -254,41 +246,30 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             self.others_optimizer.step()
             return
         beta1, beta2 = group["betas"]
-        # as megatron-core: no weight decay on biases and norms (1-D parameters)
-        for subset, wd in (([p for p in params if p.ndim > 1], group["weight_decay"]),
-                           ([p for p in params if p.ndim <= 1], 0.0)):
-            deltas = _adam_deltas(subset, [grads_by_id[id(p)].float() for p in subset],
-                                  [self._state_for(p) for p in subset], group["lr"], beta1, beta2,
-                                  group["eps"], wd)
-            for p, d in zip(subset, deltas):
-                p.sub_(d.to(p.dtype))
+        deltas = adamw_deltas(params, [grads_by_id[id(p)].float() for p in params],
+                              [init_state(self.state[p], p) for p in params], group["lr"], beta1, beta2,
+                              group["eps"], group["weight_decay"])
+        for p, d in zip(params, deltas):
+            p.sub_(d.to(p.dtype))
 
-    def _step_factors(self, group, grads_by_id):
+    def _factor_steps(self, group, grads_by_id) -> list:
+        """(entry, dA, dB) per entry: this rank's AdamW step of its own factors (zero without a gradient)."""
         beta1, beta2 = group["betas"]
         live = [p for e in self.entries for p in (e.a, e.b) if id(p) in grads_by_id]
-        deltas_live = _adam_deltas(live, [grads_by_id[id(p)].float() for p in live],
-                                   [self._state_for(p) for p in live],
+        deltas_live = adamw_deltas(live, [grads_by_id[id(p)].float() for p in live],
+                                   [init_state(self.state[p], p) for p in live],
                                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         by_id = {id(p): d for p, d in zip(live, deltas_live)}
-        items = [(e, by_id.get(id(e.a), torch.zeros_like(e.a)), by_id.get(id(e.b), torch.zeros_like(e.b)))
-                 for e in self.entries]
-        self._aggregate_factors([it for it in items if it[0].path == "factors"])
-        self._aggregate_dense([it for it in items if it[0].path == "dense"])
-
-    # -- the merge and the parameter gather (methods, so benchmarks can time them) --------------
-    def _aggregate_factors(self, items) -> None:
-        self.last_step_bytes["deltas"] += self.aggregator.factors(items)
-
-    def _aggregate_dense(self, items) -> None:
-        self.last_step_bytes["dense"] += self.aggregator.dense(items)
-
-    def _launch_param_gather(self) -> None:
-        self.last_step_bytes["params"] += self.weight_store.launch_param_gather()
+        return [(e, by_id.get(id(e.a), torch.zeros_like(e.a)), by_id.get(id(e.b), torch.zeros_like(e.b)))
+                for e in self.entries]
 
     def finish_param_gather(self, upto: Optional[torch.Tensor] = None) -> None:
         """Wait for outstanding parameter all-gathers (sharded masters) and write them into W: all
         of them, or with `upto` (a weight) those launched up to the bucket that holds it."""
-        self.weight_store.finish_param_gather(upto)
+        if not self.weight_store.pending:
+            return
+        with phase("param_gather", self.phase_hook):
+            self.weight_store.finish_param_gather(upto)
 
     # -- reliability ----------------------------------------------------------------------------
     def refresh_gathered_factors(self) -> None:

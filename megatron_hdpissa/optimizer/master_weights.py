@@ -6,9 +6,10 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_hdpissa.distributed.groups import ParallelGroups, all_gather_over_dp, buckets
-
-MODES = ("fp32-base", "sharded-fp32", "compensated-bf16", "none")
+from megatron_hdpissa.distributed.collectives import all_gather_over_dp, buckets
+from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.peft.common import ConfigError
+from megatron_hdpissa.peft.hd_pissa.config import MASTER_WEIGHT_MODES
 
 
 def unique_weights(entries) -> list[torch.Tensor]:
@@ -27,10 +28,11 @@ def resolve_mode(mode: str, weights: list[torch.Tensor]) -> str:
     if mode == "auto":
         return "fp32-base" if dtypes == {torch.float32} else "sharded-fp32"
     if mode == "fp32-base" and dtypes != {torch.float32}:
-        raise ValueError(f"--hd-pissa-master-weights fp32-base needs fp32 weights, the targeted layers hold "
-                         f"{sorted(map(str, dtypes))}; drop --bf16 or use sharded-fp32 / compensated-bf16")
-    if mode not in MODES:
-        raise ValueError(f"unknown --hd-pissa-master-weights {mode!r}")
+        raise ConfigError("master_weights", f"{{name}} fp32-base needs fp32 weights, the targeted layers hold "
+                                            f"{sorted(map(str, dtypes))}; use fp32 weights, sharded-fp32 or "
+                                            "compensated-bf16")
+    if mode not in MASTER_WEIGHT_MODES:
+        raise ConfigError("master_weights", f"{{name}} must be auto or one of {MASTER_WEIGHT_MODES}, got {mode!r}")
     return mode
 
 

@@ -1,5 +1,4 @@
-"""Top-K*r singular decomposition of full (TP-gathered) weights, spread over the ranks of each
-pipeline stage (all ranks at PP = 1)."""
+"""Top-k singular decomposition of full (TP-gathered) weights, spread over a pipeline stage's ranks."""
 from __future__ import annotations
 
 import math
@@ -9,8 +8,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_hdpissa.peft.hd_pissa.layer import COLUMN, HDPiSSAAdapter
 from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.peft.common import COLUMN
 from megatron_hdpissa.peft.layout import Part
 
 
@@ -122,25 +121,6 @@ def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, over
         else:
             u, s, v = results.pop(i)
         unit.fill(u, s, v)
-
-
-def fill_hd_pissa(ad: HDPiSSAAdapter, part: str, groups: ParallelGroups, u, s, v) -> None:
-    """Give the adapter all K slices' factors (TP-sharded) and its own local slices."""
-    a_all, b_all = slice_factors(u, s, v, ad.num_slices, ad.rank)
-    t, tp = groups.tp_rank, groups.tp_size
-    if ad.kind == COLUMN:
-        m_t = b_all.shape[1] // tp
-        b_all = b_all[:, t * m_t:(t + 1) * m_t]
-    else:
-        n_t = a_all.shape[2] // tp
-        a_all = a_all[:, :, t * n_t:(t + 1) * n_t]
-    buf_a, buf_b = ad.all_factors(part)
-    with torch.no_grad():
-        buf_a.copy_(a_all)
-        buf_b.copy_(b_all)
-        lo, hi = ad.first_slice, ad.first_slice + ad.local_slices
-        ad.a[part].copy_(a_all[lo:hi])
-        ad.b[part].copy_(b_all[lo:hi])
 
 
 class _NoBar:

@@ -2,17 +2,47 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+from typing import Union
 
-from megatron_hdpissa.peft.hd_pissa.config import DEFAULT_TARGET_MODULES, SVD_METHODS, HDPiSSAConfig
+from megatron_hdpissa.peft.common import DEFAULT_TARGET_MODULES, HD_PISSA, PEFT_METHODS, SVD_METHODS, ConfigError
+from megatron_hdpissa.peft.hd_pissa.config import (
+    AGGREGATION, BUCKET_SIZE, CONSISTENCY_CHECK_INTERVAL, MASTER_WEIGHTS, HDPiSSAConfig,
+)
+from megatron_hdpissa.checkpoint.dist import CKPT_FORMATS, TORCH_DIST
+from megatron_hdpissa.data.batches import DEFAULT_PAD_MULTIPLE
+from megatron_hdpissa.data.sft import ALPACA
+from megatron_hdpissa.data.tokenizer import TOKENIZER_TYPES
+from megatron_hdpissa.models.gpt import DEFAULT_SEED
+from megatron_hdpissa.models.recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS
+from megatron_hdpissa.peft.lowrank.config import LOWRANK_METHODS, LowRankConfig
+from megatron_hdpissa.training.lr_schedule import COSINE, LR_DECAY_STYLES
 
-PEFT_METHODS = ("hd-pissa", "pissa", "lora", "full")
+FULL = "full"
+PEFT_CHOICES = (*PEFT_METHODS, FULL)  # --peft
+NONFINITE_STOP, NONFINITE_SKIP = "stop", "skip"  # --nonfinite-loss
+
+# The library's parameter -> the trainer's flag, for the ConfigErrors of each method.
+HD_PISSA_FLAGS = {
+    "method": "--peft", "rank": "--hd-pissa-rank", "alpha": "--hd-pissa-alpha",
+    "target_modules": "--hd-pissa-target-modules", "trainable_modules": "--hd-pissa-trainable-modules",
+    "fused_decomposition": "--hd-pissa-fused-decomposition", "svd_method": "--hd-pissa-svd",
+    "svd_oversampling": "--hd-pissa-svd-oversampling", "svd_niter": "--hd-pissa-svd-niter",
+    "virtual_ranks": "--hd-pissa-virtual-ranks", "master_weights": "--hd-pissa-master-weights",
+    "aggregation": "--hd-pissa-aggregation", "bucket_size": "--hd-pissa-bucket-size",
+    "consistency_check_interval": "--hd-pissa-check-interval", "seed": "--seed",
+}
+# The baselines share the decomposition and trainable-module flags, and have their own rank,
+# alpha and targets.
+LOWRANK_FLAGS = {**HD_PISSA_FLAGS, "rank": "--lora-rank", "alpha": "--lora-alpha",
+                 "target_modules": "--lora-target-modules"}
 
 
 def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The HD-PiSSA flags; also usable as (part of) a Megatron-LM `extra_args_provider`."""
     g = parser.add_argument_group("HD-PiSSA")
-    g.add_argument("--peft", choices=PEFT_METHODS, default="hd-pissa",
+    g.add_argument("--peft", choices=PEFT_CHOICES, default=HD_PISSA,
                    help="hd-pissa (default), or the data-parallel baselines pissa / lora / full")
     g.add_argument("--hd-pissa-rank", type=int, default=16, help="per-rank adapter rank r")
     g.add_argument("--hd-pissa-alpha", type=float, default=None,
@@ -32,12 +62,12 @@ def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--hd-pissa-trainable-modules", default="",
                    help="other parameters to train data-parallel (e.g. re:.*layernorm.*)")
     g.add_argument("--hd-pissa-master-weights", default="auto",
-                   choices=["auto", "fp32-base", "sharded-fp32", "compensated-bf16", "none"],
+                   choices=MASTER_WEIGHTS,
                    help="where updates accumulate; auto: fp32-base for fp32 weights, sharded-fp32 with --bf16")
-    g.add_argument("--hd-pissa-aggregation", default="auto", choices=["auto", "factors", "dense"],
+    g.add_argument("--hd-pissa-aggregation", default="auto", choices=AGGREGATION,
                    help="per layer: all-gather the deltas (factors) or all-reduce the dense update; auto: smaller")
-    g.add_argument("--hd-pissa-bucket-size", type=int, default=1 << 24, help="elements per communication bucket")
-    g.add_argument("--hd-pissa-check-interval", type=int, default=50,
+    g.add_argument("--hd-pissa-bucket-size", type=int, default=BUCKET_SIZE, help="elements per communication bucket")
+    g.add_argument("--hd-pissa-check-interval", type=int, default=CONSISTENCY_CHECK_INTERVAL,
                    help="verify identical weights on all DP ranks every N steps (0: never)")
     g.add_argument("--hd-pissa-ddp", choices=["megatron", "builtin"], default="megatron",
                    help="gradient reduction: megatron-core's DistributedDataParallel (factors kept "
@@ -46,6 +76,12 @@ def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="optimizer of ordinary trainable parameters (--hd-pissa-trainable-modules) under "
                         "megatron DDP: megatron-core's get_megatron_optimizer, or the built-in AdamW; "
                         "auto: megatron-core's where it can run (CUDA, or fp32 parameters)")
+    g = parser.add_argument_group("LoRA / PiSSA baselines (--peft lora | pissa)")
+    g.add_argument("--lora-rank", type=int, default=None, help="adapter rank r (default: --hd-pissa-rank)")
+    g.add_argument("--lora-alpha", type=float, default=None,
+                   help="scale numerator: s = alpha / r (default: --hd-pissa-alpha, else alpha = r)")
+    g.add_argument("--lora-target-modules", default=None,
+                   help="comma-separated module-name suffixes, or re:<regex> (default: --hd-pissa-target-modules)")
     return parser
 
 
@@ -58,12 +94,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    "(if it holds one); otherwise it is used as the base checkpoint")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=0)
-    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
+    g.add_argument("--ckpt-format", choices=CKPT_FORMATS, default=TORCH_DIST,
                    help="training checkpoint format (Megatron-LM's names). torch_dist: megatron-core "
                         "dist_checkpointing, resumes at any TP / PP with the same K = DP x virtual ranks. "
                         "torch: legacy per-rank mp_rank_XX files, resumes at the same layout only")
     g.add_argument("--async-save", action="store_true",
-                   help="Megatron-LM's asynchronous torch_dist save: refused here (see dist_checkpoint.py)")
+                   help="Megatron-LM's asynchronous torch_dist save: refused here (see checkpoint/dist.py)")
     g.add_argument("--exit-interval", type=int, default=0, help="exit after this many iterations")
     g.add_argument("--export-hf", default=None, help="write the merged model here (HF safetensors)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -71,30 +107,30 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="pipeline stages; must divide the number of layers")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard activations outside the TP regions over the sequence (needs TP > 1)")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None)
+    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--recompute-modules", nargs="*", default=None,
                    help="selective recompute: the submodules to recompute (megatron-core's names)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", required=True, help="training JSONL")
     g.add_argument("--valid-data-path", default=None, help="held-out JSONL")
     g.add_argument("--prompt-field", default="question")
     g.add_argument("--response-field", default="answer")
     g.add_argument("--input-field", default=None)
-    g.add_argument("--prompt-template", default="alpaca", help="alpaca | chat | a string with {prompt}")
-    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer",
-                   choices=["HuggingFaceTokenizer", "SentencePieceTokenizer"])
+    g.add_argument("--prompt-template", default=ALPACA, help="alpaca | chat | a string with {prompt}")
+    g.add_argument("--tokenizer-type", default=TOKENIZER_TYPES[0],
+                   choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", default=None,
                    help="HF tokenizer folder or SentencePiece .model (default: the checkpoint's tokenizer/)")
     g.add_argument("--seq-length", type=int, default=512)
     g.add_argument("--pack", action="store_true", help="pack several examples per sequence")
     g.add_argument("--pad-to-max-length", action="store_true",
                    help="pad every micro-batch to --seq-length (default: to its longest sequence)")
-    g.add_argument("--pad-multiple", type=int, default=8,
+    g.add_argument("--pad-multiple", type=int, default=DEFAULT_PAD_MULTIPLE,
                    help="round each micro-batch's length up to a multiple of this (made a multiple "
                         "of TP under --sequence-parallel)")
     g = parser.add_argument_group("optimization")
@@ -104,7 +140,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--epochs", type=float, default=None)
     g.add_argument("--lr", type=float, default=2e-5)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=COSINE)
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.0)
@@ -123,7 +159,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--loss-scale-window", type=int, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
     g = parser.add_argument_group("optimization (continued)")
-    g.add_argument("--nonfinite-loss", choices=["stop", "skip"], default="stop",
+    g.add_argument("--nonfinite-loss", choices=(NONFINITE_STOP, NONFINITE_SKIP), default=NONFINITE_STOP,
                    help="a NaN/inf loss on any rank: stop (default, after saving nothing) or skip the step on all ranks")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -144,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.fp16 and args.bf16:
         parser.error("give at most one of --fp16 and --bf16")
-    if args.fp16 and args.peft != "hd-pissa":
+    if args.fp16 and args.peft != HD_PISSA:
         parser.error(f"--fp16 (loss scaling) is implemented for --peft hd-pissa only; use --bf16 with --peft {args.peft}")
     if args.clip_grad < 0:
         parser.error(f"--clip-grad must be >= 0 (0 disables clipping), got {args.clip_grad}")
@@ -159,24 +195,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.async_save:
         parser.error("--async-save is not supported: megatron-core's asynchronous torch_dist writer starts a "
                      "spawn-context Manager and forks writer processes, which hangs under launchers that set up "
-                     "the process group on import (see megatron_hdpissa/dist_checkpoint.py); checkpoints are "
+                     "the process group on import (see megatron_hdpissa/checkpoint/dist.py); checkpoints are "
                      "written synchronously, atomically")
-    if args.peft != "hd-pissa" and args.hd_pissa_virtual_ranks != 1:
+    if args.peft != HD_PISSA and args.hd_pissa_virtual_ranks != 1:
         parser.error("--hd-pissa-virtual-ranks only applies to --peft hd-pissa")
+    lora_flags = [f for f in ("rank", "alpha", "target_modules") if getattr(args, f"lora_{f}") is not None]
+    if lora_flags and args.peft not in LOWRANK_METHODS:
+        parser.error(f"{LOWRANK_FLAGS[lora_flags[0]]} only applies to --peft {' | '.join(LOWRANK_METHODS)}")
     return args
 
 
+@contextlib.contextmanager
+def flag_errors(peft: str):
+    """Re-raise the library's ConfigError (which names a library parameter) naming the trainer's
+    flag for it: `--hd-pissa-*` for HD-PiSSA, `--lora-*` for the baselines' own settings."""
+    try:
+        yield
+    except ConfigError as e:
+        raise e.renamed(HD_PISSA_FLAGS if peft == HD_PISSA else LOWRANK_FLAGS) from e
+
+
 def hd_pissa_config(args) -> HDPiSSAConfig:
-    return HDPiSSAConfig(
-        rank=args.hd_pissa_rank, alpha=args.hd_pissa_alpha, target_modules=args.hd_pissa_target_modules,
-        fused_decomposition=args.hd_pissa_fused_decomposition, svd_method=args.hd_pissa_svd,
-        svd_oversampling=args.hd_pissa_svd_oversampling, svd_niter=args.hd_pissa_svd_niter,
-        virtual_ranks=args.hd_pissa_virtual_ranks, update_factors=args.hd_pissa_update_factors,
-        trainable_modules=args.hd_pissa_trainable_modules,
-        consistency_check_interval=args.hd_pissa_check_interval, seed=args.seed,
-        master_weights=args.hd_pissa_master_weights, aggregation=args.hd_pissa_aggregation,
-        bucket_size=args.hd_pissa_bucket_size,
-    )
+    """HDPiSSAConfig from the `--hd-pissa-*` flags (errors name the flags)."""
+    with flag_errors(HD_PISSA):
+        return HDPiSSAConfig(
+            rank=args.hd_pissa_rank, alpha=args.hd_pissa_alpha, target_modules=args.hd_pissa_target_modules,
+            fused_decomposition=args.hd_pissa_fused_decomposition, svd_method=args.hd_pissa_svd,
+            svd_oversampling=args.hd_pissa_svd_oversampling, svd_niter=args.hd_pissa_svd_niter,
+            virtual_ranks=args.hd_pissa_virtual_ranks, update_factors=args.hd_pissa_update_factors,
+            trainable_modules=args.hd_pissa_trainable_modules,
+            consistency_check_interval=args.hd_pissa_check_interval, seed=args.seed,
+            master_weights=args.hd_pissa_master_weights, aggregation=args.hd_pissa_aggregation,
+            bucket_size=args.hd_pissa_bucket_size,
+        )
+
+
+def _lora_or_hd_pissa(args, name: str):
+    value = getattr(args, f"lora_{name}", None)
+    return getattr(args, f"hd_pissa_{name}") if value is None else value
+
+
+def lowrank_config(args) -> LowRankConfig:
+    """LowRankConfig for `--peft lora | pissa` from the `--lora-*` flags (each falling back to
+    its `--hd-pissa-*` counterpart) and the shared decomposition flags (errors name the flags)."""
+    with flag_errors(args.peft):
+        return LowRankConfig(
+            method=args.peft, rank=_lora_or_hd_pissa(args, "rank"), alpha=_lora_or_hd_pissa(args, "alpha"),
+            target_modules=_lora_or_hd_pissa(args, "target_modules"),
+            fused_decomposition=args.hd_pissa_fused_decomposition, svd_method=args.hd_pissa_svd,
+            svd_oversampling=args.hd_pissa_svd_oversampling, svd_niter=args.hd_pissa_svd_niter,
+            trainable_modules=args.hd_pissa_trainable_modules, seed=args.seed,
+        )
+
+
+def peft_config(args) -> Union[HDPiSSAConfig, LowRankConfig]:
+    """The method's config: LowRankConfig for the baselines, else HDPiSSAConfig (also what
+    `--peft full` records in its checkpoints)."""
+    return lowrank_config(args) if args.peft in LOWRANK_METHODS else hd_pissa_config(args)
 
 
 def effective_pad_multiple(args) -> int:

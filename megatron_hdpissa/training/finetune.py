@@ -21,14 +21,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_hdpissa.checkpoint import training_state as checkpointing
-from megatron_hdpissa.distributed import groups as distributed
-from megatron_hdpissa.training import step as training
-from megatron_hdpissa.training.arguments import (PEFT_METHODS, add_hd_pissa_args, add_training_args, effective_pad_multiple,  # noqa: F401
-                        grad_scaler, hd_pissa_config, parse_args)
-from megatron_hdpissa.convert.export import export_merged_hf  # noqa: F401
+from megatron_hdpissa.checkpoint import training_state, training_state_dist
+from megatron_hdpissa.checkpoint.dist import TORCH, TORCH_DIST
+from megatron_hdpissa.checkpoint.trainer_state import TrainerState, is_training_checkpoint, read_meta
+from megatron_hdpissa.convert.export import export_merged_hf
+from megatron_hdpissa.distributed.groups import initialize, shutdown
+from megatron_hdpissa.training.arguments import (NONFINITE_STOP, effective_pad_multiple, flag_errors, grad_scaler,
+                                                 parse_args, peft_config)
+from megatron_hdpissa.peft.common import HD_PISSA
+from megatron_hdpissa.peft.lowrank.config import LOWRANK_METHODS
+from megatron_hdpissa.training.lr_schedule import lr_at
 from megatron_hdpissa.training.monitoring import Logger, StopSignal
-from megatron_hdpissa.training.step import lr_at, micro_batch_loss  # noqa: F401
+from megatron_hdpissa.training.step import configure_schedule, evaluate_batches, forward_backward
+
+CHECKPOINT_FORMATS = {TORCH: training_state, TORCH_DIST: training_state_dist}  # --ckpt-format -> its module
 
 
 def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -54,7 +60,7 @@ class FinetuneRecipe:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.check_layout()
-        self.groups = g = distributed.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        self.groups = g = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
         if (g.tp_size, g.pp_size) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
             raise ValueError(f"megatron-core is initialised with TP={g.tp_size}, PP={g.pp_size}, but the flags "
                              f"ask for --tensor-model-parallel-size {args.tensor_model_parallel_size} "
@@ -73,7 +79,7 @@ class FinetuneRecipe:
         from megatron_hdpissa.models.config import ModelConfig
 
         args = self.args
-        self.resuming = bool(args.load) and checkpointing.is_training_checkpoint(args.load)
+        self.resuming = bool(args.load) and is_training_checkpoint(args.load)
         self.base_dir = Path(args.load if (self.resuming or not args.pretrained_checkpoint) else args.pretrained_checkpoint)
         if not self.base_dir.is_dir():
             raise FileNotFoundError(f"--pretrained-checkpoint/--load {self.base_dir} does not exist")
@@ -83,8 +89,10 @@ class FinetuneRecipe:
                              f"model (valid: {[p for p in range(1, layers + 1) if layers % p == 0]})")
 
     def setup_model(self) -> None:
-        from megatron_hdpissa.convert.hf_megatron import TOKENIZER_DIR, load_megatron_checkpoint
-        from megatron_hdpissa.models.config import ModelConfig, build_gpt_model, parallelism_overrides
+        from megatron_hdpissa.checkpoint.atomic import TOKENIZER_DIR
+        from megatron_hdpissa.convert.load import load_megatron_checkpoint
+        from megatron_hdpissa.models.config import ModelConfig
+        from megatron_hdpissa.models.gpt import build_gpt_model, parallelism_overrides
         from megatron_hdpissa.data.tokenizer import build_tokenizer, check_vocab_fits
 
         args, g = self.args, self.groups
@@ -109,18 +117,20 @@ class FinetuneRecipe:
 
     def setup_adapters(self) -> None:
         from megatron_hdpissa import apply_hd_pissa
-        from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW, apply_lowrank
+        from megatron_hdpissa.optimizer.data_parallel import DataParallelAdamW
+        from megatron_hdpissa.peft.lowrank.model import apply_lowrank
         from megatron_hdpissa.optimizer.hd_pissa import HDPiSSAOptimizer
 
         args, g, model = self.args, self.groups, self.model
-        self.cfg = cfg = hd_pissa_config(args)
+        self.cfg = cfg = peft_config(args)
         t0 = time.time()
         adam = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                     weight_decay=args.weight_decay)
         progress = self.rank0 and not args.no_progress
         self.train_model, self.ddp = model, None  # what the micro-batches run through
-        if args.peft == "hd-pissa":
-            apply_hd_pissa(model, cfg, g, progress=progress, decompose=not self.resuming)
+        if args.peft == HD_PISSA:
+            with flag_errors(args.peft):
+                apply_hd_pissa(model, cfg, g, progress=progress, decompose=not self.resuming)
             if args.hd_pissa_ddp == "megatron":
                 from megatron_hdpissa.distributed.ddp import wrap_ddp
 
@@ -129,27 +139,29 @@ class FinetuneRecipe:
             self.optimizer = HDPiSSAOptimizer(self.train_model, groups=g, clip_grad=args.clip_grad,
                                               grad_scaler=grad_scaler(args), others_optimizer=others, **adam)
         else:
-            if args.peft in ("lora", "pissa"):
-                apply_lowrank(model, cfg, args.peft, g, progress=progress, decompose=not self.resuming)
+            if args.peft in LOWRANK_METHODS:
+                with flag_errors(args.peft):
+                    apply_lowrank(model, cfg, g, progress=progress, decompose=not self.resuming)
             else:
                 for p in model.parameters():
                     p.requires_grad_(True)
             self.optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=g,
                                                clip_grad=args.clip_grad, **adam)
-        training.configure_schedule(self.train_model, self.optimizer, g, self.ddp,
-                                    variable_seq_lengths=not args.pad_to_max_length)
+        configure_schedule(self.train_model, g, self.ddp, variable_seq_lengths=not args.pad_to_max_length,
+                           grad_scale_func=self.optimizer.scale_loss if args.peft == HD_PISSA else None)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log(f"--peft {args.peft}: {trainable / 1e6:.3f}M trainable parameters per rank, set-up "
                  f"{time.time() - t0:.1f}s" + (f", K = {g.dp_size * cfg.virtual_ranks} slices of rank {cfg.rank}, "
-                                              f"s = {cfg.scale:g}" if args.peft == "hd-pissa" else ""))
+                                              f"s = {cfg.scale:g}" if args.peft == HD_PISSA else ""))
 
     def setup_data(self) -> None:
         """Every slice (DP rank x virtual rank) reads its own shard of each epoch; every pipeline
         stage of a DP rank reads the same micro-batches."""
-        from megatron_hdpissa.data.sft import SFTBatchIterator, SFTDataset
+        from megatron_hdpissa.data.batches import SFTBatchIterator
+        from megatron_hdpissa.data.sft import SFTDataset
 
         args, g = self.args, self.groups
-        self.slices = self.cfg.virtual_ranks if args.peft == "hd-pissa" else 1
+        self.slices = self.cfg.virtual_ranks if args.peft == HD_PISSA else 1
         shards = g.dp_size * self.slices
         self.global_batch = args.global_batch_size or args.micro_batch_size * shards
         if self.global_batch % (args.micro_batch_size * shards):
@@ -183,26 +195,18 @@ class FinetuneRecipe:
                      "args": {k: v for k, v in vars(args).items()}}
         if not self.resuming:
             return
-        from megatron_hdpissa.convert.hf_megatron import checkpoint_format, read_checkpoint_info
+        from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
 
-        if checkpoint_format(args.load) == "torch_dist":  # any TP / PP, the same K
-            from megatron_hdpissa.checkpoint import training_state_dist
+        fmt = read_checkpoint_info(args.load).ckpt_format  # torch_dist: any TP / PP, the same K
+        CHECKPOINT_FORMATS[fmt].check_compatible(read_meta(args.load), self.meta, args.load)
+        restored = CHECKPOINT_FORMATS[fmt].load(self.checkpoint_state(), args.load)
+        self.iteration = restored.iteration
+        self.log(f"resumed at iteration {self.iteration} from {args.load} ({fmt}; {restored.note})")
 
-            training_state_dist.check_compatible(checkpointing.read_meta(args.load), self.meta, args.load)
-            note = training_state_dist.load(self, read_checkpoint_info(args.load).iter_dir)
-            self.log(f"resumed at iteration {self.iteration} from {args.load} (torch_dist; {note})")
-            return
-        checkpointing.check_resume_compatible(checkpointing.read_meta(args.load), self.meta, args.load)
-        state = checkpointing.load_rank_state(args.load, g)
-        checkpointing.load_adapter_params(self.model, state["adapter"], args.load)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if args.peft == "hd-pissa":
-            self.optimizer.refresh_gathered_factors()
-        for it_, st in zip(self.iterators, state["data"]):
-            it_.load_state_dict(st)
-        checkpointing.set_rng_state(state["rng"])
-        self.iteration = int(state["iteration"])
-        self.log(f"resumed at iteration {self.iteration} from {args.load}")
+    def checkpoint_state(self) -> TrainerState:
+        """What a checkpoint saves and restores of this run."""
+        return TrainerState(model=self.model, optimizer=self.optimizer, groups=self.groups, data=self.iterators,
+                            iteration=self.iteration, meta=self.meta, seed=self.args.seed, base_dir=self.base_dir)
 
     # ---- one step, evaluation, checkpoint ------------------------------------------------------
     def train_step(self) -> float:
@@ -211,12 +215,12 @@ class FinetuneRecipe:
         self.lr = lr_at(self.iteration, args, self.train_iters)
         for group in opt.param_groups:
             group["lr"] = self.lr
-        step_loss = training.forward_backward(
+        step_loss = forward_backward(
             self.train_model, self.model, self.iterators, self.micro_per_slice, args.seq_length,
             args.micro_batch_size, self.groups, self.device, self.slices, self.ddp)
         finite = _all_reduce(torch.tensor([1.0 if math.isfinite(step_loss[0].item()) else 0.0]), op=dist.ReduceOp.MIN)
         if finite.item() == 0:
-            if args.nonfinite_loss == "stop":
+            if args.nonfinite_loss == NONFINITE_STOP:
                 raise FloatingPointError(f"non-finite loss at iteration {self.iteration + 1} on some rank "
                                          "(--nonfinite-loss stop); the weights of the last checkpoint are intact")
             self.log(f"iteration {self.iteration + 1}: non-finite loss on some rank, step skipped on all ranks "
@@ -230,31 +234,20 @@ class FinetuneRecipe:
 
     def evaluate(self) -> float:
         """Mean token loss over the whole held-out set (each DP rank a shard, summed over DP)."""
-        return training.evaluate_batches(self.train_model, self.valid_batches, self.args.seq_length,
-                                         self.args.micro_batch_size, self.groups, self.device)
+        return evaluate_batches(self.train_model, self.valid_batches, self.args.seq_length,
+                                self.args.micro_batch_size, self.groups, self.device)
 
     def save(self) -> None:
-        if self.args.ckpt_format == "torch_dist":
-            from megatron_hdpissa.checkpoint import training_state_dist
-
-            path = checkpointing.save_dist_training_checkpoint(
-                self.args.save, self.meta, lambda write: training_state_dist.save(self, self.args.save, write),
-                base_dir=str(self.base_dir))
-            self.log(f"saved checkpoint {path} (torch_dist)")
-            return
-        rank_state = {"optimizer": self.optimizer.state_dict(), "data": [i.state_dict() for i in self.iterators],
-                      "rng": checkpointing.rng_state(), "iteration": self.iteration}
-        path = checkpointing.save_checkpoint(self.args.save, self.iteration, self.model, rank_state, self.meta,
-                                             self.groups, base_dir=str(self.base_dir))
-        self.log(f"saved checkpoint {path}")
+        path = CHECKPOINT_FORMATS[self.args.ckpt_format].save(self.checkpoint_state(), self.args.save)
+        self.log(f"saved checkpoint {path} ({self.args.ckpt_format})")
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
         """Steps until --train-iters, with logging, evaluation, interval checkpoints, and an
         early exit (--exit-interval, SIGTERM) that saves first."""
         args, r = self.args, self.results
-        r.update(iterations=self.train_iters, start=self.iteration,
-                 others_optimizer=type(getattr(self.optimizer, "others_optimizer", None)).__name__)
+        others = self.optimizer.others_optimizer if args.peft == HD_PISSA else None
+        r.update(iterations=self.train_iters, start=self.iteration, others_optimizer=type(others).__name__)
         self.logger = Logger(args, self.train_iters, self.iteration)
         try:
             if self.valid_batches is not None:
@@ -278,7 +271,7 @@ class FinetuneRecipe:
                         self.save()
                     r["exited_at"] = it
                     return r
-            if hasattr(self.optimizer, "finish_param_gather"):  # sharded masters: the last step's gather
+            if args.peft == HD_PISSA:  # sharded masters: the last step's gather
                 self.optimizer.finish_param_gather()
             if self.valid_batches is not None:
                 r["valid_loss_after"] = self._evaluate_and_log("held-out loss at iteration")
@@ -298,8 +291,19 @@ class FinetuneRecipe:
             now = time.time()
             tps = self.global_batch * args.seq_length * args.log_interval / max(now - self.last_log, 1e-9)
             self.last_log = now
-            self.logger.log_step(it, self.train_iters, loss, self.lr, tps, self.optimizer)
+            self.logger.log_step(it, self.train_iters, loss, self.lr, tps, **self._optimizer_report())
         self.logger.step({"loss": f"{loss:.3f}"})
+
+    def _optimizer_report(self) -> dict:
+        """The log line's optimizer numbers: the gradient norm; under HD-PiSSA also the bytes this
+        rank sent in the step's aggregation and the --fp16 loss scaler's state."""
+        opt = self.optimizer
+        report = {"grad_norm": opt.last_grad_norm}
+        if self.args.peft == HD_PISSA:
+            report["comm_bytes"] = int(sum(opt.last_step_bytes.values()))
+            if opt.grad_scaler is not None:
+                report.update(loss_scale=float(opt.grad_scaler.scale), skipped_steps=opt.skipped_steps)
+        return report
 
 def main(argv=None) -> dict:
     recipe = FinetuneRecipe(parse_args(argv))
@@ -318,7 +322,7 @@ def main(argv=None) -> dict:
 def cli(argv=None) -> None:
     from megatron_hdpissa.training.errors import run_cli
 
-    run_cli(main, argv, distributed.shutdown, parse=parse_args)
+    run_cli(main, argv, shutdown, parse=parse_args)
 
 
 if __name__ == "__main__":

@@ -46,19 +46,21 @@ class Logger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, it)
 
-    def log_step(self, it: int, total: int, loss: float, lr: float, tokens_per_s: float, optimizer) -> None:
-        """One step's line and scalars: loss, lr, throughput, and what the optimizer reports."""
+    def log_step(self, it: int, total: int, loss: float, lr: float, tokens_per_s: float, *,
+                 grad_norm: float | None = None, comm_bytes: int | None = None, loss_scale: float | None = None,
+                 skipped_steps: int | None = None) -> None:
+        """One step's line and scalars: loss, lr, throughput, and what the optimizer reported (the
+        gradient norm; HD-PiSSA's bytes sent this step; the --fp16 loss scale and skipped steps)."""
         extra, text = {}, ""
-        if getattr(optimizer, "last_grad_norm", None) is not None:
-            extra["grad_norm"] = optimizer.last_grad_norm
-            text += f" | grad norm {optimizer.last_grad_norm:.3f}"
-        sent = getattr(optimizer, "last_step_bytes", None)
-        if isinstance(sent, dict):  # HD-PiSSA aggregation: bytes this rank sent this step
-            extra["comm_bytes"] = int(sum(sent.values()))
-            text += f" | sent {extra['comm_bytes'] / 2 ** 20:.2f} MiB"
-        if getattr(optimizer, "grad_scaler", None) is not None:
-            extra.update(loss_scale=float(optimizer.grad_scaler.scale), skipped_steps=optimizer.skipped_steps)
-            text += f" | loss scale {extra['loss_scale']:.0f} | skipped {optimizer.skipped_steps}"
+        if grad_norm is not None:
+            extra["grad_norm"] = grad_norm
+            text += f" | grad norm {grad_norm:.3f}"
+        if comm_bytes is not None:
+            extra["comm_bytes"] = comm_bytes
+            text += f" | sent {comm_bytes / 2 ** 20:.2f} MiB"
+        if loss_scale is not None:
+            extra.update(loss_scale=loss_scale, skipped_steps=skipped_steps)
+            text += f" | loss scale {loss_scale:.0f} | skipped {skipped_steps}"
         self.scalars(it, loss=loss, lr=lr, tokens_per_s=tokens_per_s, **extra)
         self.print(f"iteration {it:6d}/{total} | loss {loss:.4f} | lr {lr:.3e} | {tokens_per_s:,.0f} tokens/s" + text)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import torch
 import torch.distributed as dist
@@ -80,14 +79,16 @@ def finalize_builtin_grads(model_chunks, num_tokens=None, pg_collection=None, fo
                 dist.all_reduce(weight.grad, group=group)
 
 
-def configure_schedule(train_model, optimizer, groups: ParallelGroups, ddp=None, *, variable_seq_lengths=False):
-    """Set the TransformerConfig fields the schedules read: the loss scale, DDP's `no_sync` and
-    `finalize_model_grads` (megatron DDP), or our own finalize (built-in DP reduction)."""
+def configure_schedule(train_model, groups: ParallelGroups, ddp=None, *, grad_scale_func=None,
+                       variable_seq_lengths=False):
+    """Set the TransformerConfig fields the schedules read: the loss scale (`grad_scale_func`,
+    e.g. the optimizer's `scale_loss`), DDP's `no_sync` and `finalize_model_grads` (megatron DDP),
+    or our own finalize (built-in DP reduction)."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.utils import get_model_config
 
     config = get_model_config(train_model)
-    config.grad_scale_func = getattr(optimizer, "scale_loss", None)
+    config.grad_scale_func = grad_scale_func
     if ddp is not None:
         config.no_sync_func = ddp.no_sync
         config.finalize_model_grads_func = finalize_model_grads
@@ -159,17 +160,3 @@ def evaluate_batches(train_model, batches: list, seq_length: int, micro_batch_si
         dist.all_reduce(total, group=groups.dp_group)
     train_model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))
-
-
-def lr_at(it: int, args, train_iters: int) -> float:
-    """Linear warm-up, then constant / linear / cosine decay to --min-lr (Megatron's shapes)."""
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * train_iters)
-    if warmup and it < warmup:
-        return args.lr * (it + 1) / warmup
-    if args.lr_decay_style == "constant" or train_iters <= warmup:
-        return args.lr
-    frac = min(1.0, (it - warmup) / max(1, train_iters - warmup))
-    coeff = 1 - frac if args.lr_decay_style == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-    return args.min_lr + coeff * (args.lr - args.min_lr)

@@ -1,6 +1,6 @@
-"""Effective-rank analysis: constructed deltas of known rank, the same numbers from HF folders and
-Megatron checkpoints (TP=2, and LoRA factors merged from a training checkpoint, constructed and
-real), and the CLIs writing JSON and PNG."""
+"""Effective-rank tool: constructed deltas of known rank, the same numbers from HF folders and
+Megatron checkpoints (TP=2, PP=2, and LoRA factors merged from a training checkpoint, constructed
+and real), and the CLIs writing JSON and PNG."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from megatron_hdpissa.analysis import effective_rank as analysis
+from tests.helpers.tools import load_tool
 
-REPO = Path(__file__).resolve().parents[2]
 # Ranks of the deltas added to the tiny LLaMA (hidden 64, 8 heads / 4 KV groups of dim 8, FFN 96).
 PLANTED = {"q_proj": 5, "k_proj": 1, "v_proj": 3, "o_proj": 7, "gate_proj": 2, "up_proj": 4, "down_proj": 6}
 
@@ -167,11 +167,7 @@ def test_pipeline_parallel_checkpoints_give_the_same_numbers(tiny, tiny_pp):
     for a, b in zip(results["pp"], results["tp"]):
         assert a.name == b.name and torch.equal(a.sigma, b.sigma)
     # the CLI reads them too
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("effective_rank", REPO / "tools" / "effective_rank.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("effective_rank")
     out = tiny["root"] / "rank_pp.json"
     assert tool.main(["--base", str(tiny_pp["base_pp"]), "--finetuned", f"pp={tiny_pp['ft_pp']}",
                       "--layers", "1", "--json", str(out)]) == 0
@@ -213,21 +209,16 @@ def test_lora_training_checkpoint_saved_in_stages_is_merged(tiny, tiny_pp):
 
 
 # ---- a real LoRA run of the trainer: its --save folder against its merged --export-hf ---------
-def _finetune(argv):
-    from megatron_hdpissa.training import finetune
-
-    torch.set_num_threads(1)
-    return finetune.main(argv)
-
-
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, gsm8k_path, ckpt_format):
     """A tiny LLaMA with SmolLM2's tokenizer, 2 LoRA steps: the analysis of the training
     checkpoint (factors merged) equals that of the trainer's merged export, rank r everywhere."""
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
-    from tests.conftest import tiny_llama_with_smollm2_tokenizer
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
     from tests.helpers.distributed import run_distributed
+    from tests.helpers.hf_models import tiny_llama_with_smollm2_tokenizer
+    from tests.helpers.trainer import finetune_main
 
     hf = tiny_llama_with_smollm2_tokenizer(
         tmp_path / "hf", smollm2_hf_dir, seed=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -240,7 +231,7 @@ def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, g
             "--global-batch-size", "2", "--seq-length", "160", "--train-iters", "2", "--lr", "1e-2",
             "--save", str(tmp_path / "run"), "--export-hf", str(tmp_path / "export"), "--no-progress",
             "--ckpt-format", ckpt_format, "--tensor-model-parallel-size", "2"]
-    run_distributed(_finetune, 2, 2, args=(argv,))
+    run_distributed(finetune_main, 2, 2, args=(argv,))
     summary, results = analysis.analyse(hf, {"export": tmp_path / "export", "ckpt": tmp_path / "run"},
                                         reference="export")
     assert set(_ranks(summary, "export").values()) == {2}
@@ -261,16 +252,10 @@ def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, g
 
 # ---- the command-line tools --------------------------------------------------------------------
 def test_cli_writes_json_and_png(tiny, tmp_path, capsys):
-    import importlib.util
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    from tools.plotting import read_log_json
 
     out_json, out_png = tmp_path / "rank.json", tmp_path / "spectra.png"
-    rc = load("effective_rank").main([
+    rc = load_tool("effective_rank").main([
         "--base", str(tiny["base_hf"]), "--finetuned", f"planted={tiny['ft_mg']}", f"again={tiny['ft_hf']}",
         "--reference", "planted", "--json", str(out_json), "--plot", str(out_png), "--layers", "1"])
     assert rc == 0
@@ -282,14 +267,14 @@ def test_cli_writes_json_and_png(tiny, tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| planted |" in printed and "0.001" in printed
-    assert load("effective_rank").main(["--base", str(tmp_path), "--finetuned", f"x={tmp_path}"]) == 1
+    assert load_tool("effective_rank").main(["--base", str(tmp_path), "--finetuned", f"x={tmp_path}"]) == 1
 
     log = tmp_path / "run.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in (
         {"iteration": 1, "loss": 2.0, "lr": 1e-4, "tokens_per_s": 10.0}, {"iteration": 2, "loss": 1.5},
         {"iteration": 2, "valid_loss": 1.7})))
     curves = tmp_path / "curves.png"
-    assert load("plot_curves").main([f"a={log}", str(log), "--out", str(curves), "--smooth", "2"]) == 0
+    assert load_tool("plot_curves").main([f"a={log}", str(log), "--out", str(curves), "--smooth", "2"]) == 0
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    parsed = analysis.read_log_json(log)
+    parsed = read_log_json(log)
     assert parsed["train"] == [(1, 2.0), (2, 1.5)] and parsed["valid"] == [(2, 1.7)]

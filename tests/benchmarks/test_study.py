@@ -6,18 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import study_budget  # noqa: E402
-import study_data  # noqa: E402
-import study_metrics as sm  # noqa: E402
+from benchmarks import study_budget, study_data
+from benchmarks import study_metrics as sm
 
 
 # ---- GSM8K answers -------------------------------------------------------------------------------
@@ -212,7 +206,7 @@ def _dataset(pairs, seq_length=64, template="{prompt}"):
 
 
 def test_sft_and_text_losses_match_unbatched_computation():
-    import study_eval
+    from benchmarks import study_eval
 
     model = _tiny_llama(_CharTokenizer.vocab_size)
     ds = _dataset([("what is two", " 2"), ("a much longer question here", " 41 #### 41"), ("q", " 7")])
@@ -245,7 +239,7 @@ class _SuccessorModel(torch.nn.Module):
 
 
 def test_recall_flags_is_exact_greedy_recall():
-    import study_eval
+    from benchmarks import study_eval
 
     ds = _dataset([("ab", "c"), ("ab", "d"), ("b", "c"), ("xa", "bc"), ("xa", "bcd")])
     # greedy from "ab" gives "c" then EOS; "d" is never produced after "b"; "bcd" would need "d"
@@ -254,7 +248,7 @@ def test_recall_flags_is_exact_greedy_recall():
 
 
 def test_greedy_generate_matches_unbatched_argmax_loop():
-    import study_eval
+    from benchmarks import study_eval
 
     vocab = 40
     model = _tiny_llama(vocab)
@@ -274,7 +268,7 @@ def test_greedy_generate_matches_unbatched_argmax_loop():
 
 # ---- budget and report ---------------------------------------------------------------------------
 def test_default_study_fits_the_budget():
-    import study
+    from benchmarks import study
 
     args = study.parse_args([])
     est = study_budget.estimate(args)
@@ -286,15 +280,16 @@ def test_default_study_fits_the_budget():
 
 
 def test_trainer_commands_parse_and_match_across_methods(tmp_path):
-    import study
+    from benchmarks import study
+    from benchmarks.study_run import Study, finetune_command
     from megatron_hdpissa.training.arguments import parse_args as trainer_args
 
-    st = study.Study(study.parse_args(["--out", str(tmp_path)]))
+    st = Study(study.parse_args(["--out", str(tmp_path)]))
     st.base = tmp_path / "base"
     st.files = {k: tmp_path / f"{k}.jsonl" for k in ("train", "val", "test", "facts")}
     parsed = {}
     for m in study.METHODS:
-        cmd = study.finetune_command(st, "gsm8k", m, 3e-4, 1, tmp_path / m, curves=(m == "lora"))
+        cmd = finetune_command(st, "gsm8k", m, 3e-4, 1, tmp_path / m, curves=(m == "lora"))
         parsed[m] = trainer_args(cmd)  # every flag exists in the trainer's CLI
     for m, a in parsed.items():
         assert (a.peft, a.hd_pissa_rank, a.global_batch_size, a.micro_batch_size, a.lr) == (m, 8, 8, 1, 3e-4)
@@ -303,7 +298,7 @@ def test_trainer_commands_parse_and_match_across_methods(tmp_path):
         assert a.hd_pissa_virtual_ranks == (4 if m == "hd-pissa" else 1)
     assert parsed["lora"].valid_data_path and parsed["lora"].eval_iters == 8
     assert parsed["pissa"].valid_data_path is None
-    facts = trainer_args(study.finetune_command(st, "facts", "hd-pissa", 1e-3, 1, tmp_path / "f", False))
+    facts = trainer_args(finetune_command(st, "facts", "hd-pissa", 1e-3, 1, tmp_path / "f", False))
     assert (facts.global_batch_size, facts.micro_batch_size, facts.prompt_template) == (128, 16, "{prompt}")
 
 
@@ -359,7 +354,9 @@ def _fake_study(tmp_path=None):
 
 
 def test_report_analysis_and_markdown(tmp_path):
-    import study_report
+    from benchmarks import study_report
+    from benchmarks.study_markdown import markdown
+    from benchmarks.study_plots import plot_forgetting, plot_sweep
 
     study = _fake_study()
     a = study_report.analyse(study)
@@ -374,12 +371,12 @@ def test_report_analysis_and_markdown(tmp_path):
     assert "lora: best LR 0.003 is the highest value tried" in flags
     assert "zero is outside it" in flags and "not distinguishable at 5%" in flags
     assert "all methods' exact-match 95% intervals overlap" in flags
-    md = study_report.markdown(study)
+    md = markdown(study)
     for needle in ("## Honest reading", "## Setup", "| hd-pissa | 0.0001 |", "0.003 (edge)", "## Commands",
                    "cmd-hd", "forgetting.png", "x LoRA"):
         assert needle in md, needle
-    study_report.plot_forgetting(a, tmp_path / "f.png")
-    study_report.plot_sweep(a, tmp_path / "s.png")
+    plot_forgetting(a, tmp_path / "f.png")
+    plot_sweep(a, tmp_path / "s.png")
     assert (tmp_path / "f.png").stat().st_size > 1000 and (tmp_path / "s.png").stat().st_size > 1000
     study_report.write_results(study, tmp_path / "r.json")
     assert "flags" in json.loads((tmp_path / "r.json").read_text())["analysis"]
@@ -388,7 +385,7 @@ def test_report_analysis_and_markdown(tmp_path):
 @pytest.mark.slow
 def test_study_dry_run(tmp_path):
     """The whole study end to end on 2 layers, 2 steps and tiny evaluation sets (minutes)."""
-    import study
+    from benchmarks import study
 
     out = study.main(["--out", str(tmp_path), "--layers", "2", "--steps", "2", "--lrs", "2", "--max-lrs", "3",
                       "--methods", "hd-pissa,lora", "--num-val", "4", "--num-test", "4", "--num-em", "4",

@@ -1,4 +1,4 @@
-"""torch_dist checkpoints of a GPTModel (dist_checkpoint.py): saved by 2 gloo ranks at TP=2 with no
+"""torch_dist checkpoints of a GPTModel (checkpoint/dist.py): saved by 2 gloo ranks at TP=2 with no
 helper processes, resharded to TP=1 on load (checked against the TP shards concatenated by hand),
 a training script whose setup runs at module level saves under torchrun (the cause of the
 megatron-core default strategy's hang), crashes during a save keep the previous checkpoint
@@ -24,7 +24,8 @@ LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_la
 
 
 def _model(seed: int):
-    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+    from megatron_hdpissa.models.config import ModelConfig
+    from megatron_hdpissa.models.gpt import build_gpt_model
 
     return build_gpt_model(ModelConfig.from_hf(dict(LLAMA)), seed=seed)
 
@@ -90,7 +91,8 @@ sys.path.insert(0, {repo!r})
 import torch
 from megatron_hdpissa.distributed import groups as distributed
 distributed.initialize(tensor_model_parallel_size=2)   # at module level, no __main__ guard
-from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+from megatron_hdpissa.models.config import ModelConfig
+from megatron_hdpissa.models.gpt import build_gpt_model
 from megatron_hdpissa.checkpoint.dist import save_model_checkpoint
 model = build_gpt_model(ModelConfig.from_hf({llama!r}))
 save_model_checkpoint(model, {out!r}, 1)
@@ -145,6 +147,7 @@ def _save_then_die_after_shards(save_dir: str):
 def _save_then_die_before_tracker(save_dir: str):
     """Re-save iteration 2 (over the crashed save's remains) and die after the rename, before the
     tracker is rewritten."""
+    from megatron_hdpissa.checkpoint import atomic
     from megatron_hdpissa.checkpoint import dist as dist_checkpoint
 
     model = _model(seed=12)
@@ -152,12 +155,13 @@ def _save_then_die_before_tracker(save_dir: str):
     def die(*args, **kwargs):
         os._exit(18)
 
-    dist_checkpoint.write_tracker = die
+    atomic.write_tracker = die
     dist_checkpoint.save_model_checkpoint(model, save_dir, 2)
 
 
 def test_crash_during_save_keeps_previous_checkpoint_loadable(tmp_path):
-    from megatron_hdpissa.convert.hf_megatron import dist_whole_state_dict, read_checkpoint_info
+    from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+    from megatron_hdpissa.convert.dist import dist_whole_state_dict
     from megatron_hdpissa.models.config import ModelConfig
 
     config = ModelConfig.from_hf(dict(LLAMA))
@@ -186,7 +190,7 @@ class _Boom:
 
 
 def test_crafted_index_and_common_state_are_refused(tmp_path):
-    from megatron_hdpissa.checkpoint.dist import load_common_state, read_dcp_metadata
+    from megatron_hdpissa.checkpoint.safe_load import load_common_state, read_dcp_metadata
 
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Boom()))
     with pytest.raises(ValueError, match="posix.system|os.system|refusing"):

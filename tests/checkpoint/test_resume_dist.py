@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.training.test_finetune import _expect_error, _main
+from tests.helpers.hf_models import tiny_llama_with_smollm2_tokenizer
+from tests.helpers.trainer import expect_error, finetune_main
 
 ITERS = 4
 
@@ -30,8 +31,8 @@ ITERS = 4
 @pytest.fixture(scope="module")
 def m(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
-    from tests.conftest import tiny_llama_with_smollm2_tokenizer
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
 
     root = tmp_path_factory.mktemp("resume_dist")
     hf = tiny_llama_with_smollm2_tokenizer(
@@ -74,13 +75,13 @@ def _run(m, run: str, layout: str, **over):
     world = LAYOUTS[layout][0]
     tp = int(LAYOUTS[layout][1].get("--tensor-model-parallel-size", 1))
     pp = int(LAYOUTS[layout][1].get("--pipeline-model-parallel-size", 1))
-    return run_distributed(_main, world, tp, pp=pp, args=(_argv(m, run, layout, **over),))[0]
+    return run_distributed(finetune_main, world, tp, pp=pp, args=(_argv(m, run, layout, **over),))[0]
 
 
 def _saved(m, run: str) -> dict[str, torch.Tensor]:
     """Every tensor of the run's latest torch_dist checkpoint, whole (global shapes)."""
-    from megatron_hdpissa.convert.hf_megatron import read_checkpoint_info
-    from megatron_hdpissa.checkpoint.dist import read_global_tensors
+    from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+    from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
 
     return read_global_tensors(read_checkpoint_info(m["root"] / run).iter_dir)
 
@@ -176,7 +177,7 @@ def test_baselines_resume_at_another_tp(m, peft):
     _compare(m, f"{peft}_half", _saved(m, f"{peft}_ref"), _saved(m, f"{peft}_ref_tp2"))
     # the baselines' K is the DP size (one data shard per rank): another DP is refused
     argv = _argv(m, "dp_refused", "dp2", **flags, **{"--load": m["root"] / f"{peft}_half", "--save": False})
-    msg = run_distributed(_expect_error, 2, 1, args=(argv,))[0]
+    msg = run_distributed(expect_error, 2, 1, args=(argv,))[0]
     assert "saved with data-parallel size 1, this run has 2" in msg, msg
 
 
@@ -193,15 +194,15 @@ def test_sharded_fp32_masters_reshard_over_dp(m):
 
 
 def _saved_base(m) -> dict[str, torch.Tensor]:
-    from megatron_hdpissa.convert.hf_megatron import read_checkpoint_info
-    from megatron_hdpissa.checkpoint.dist import read_global_tensors
+    from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+    from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
 
     return read_global_tensors(read_checkpoint_info(m["base"]).iter_dir)
 
 
 def test_another_k_is_refused(m, half_tp2):
     argv = _argv(m, "k_refused", "dp2", **{"--load": half_tp2, "--save": False})
-    msg = run_distributed(_expect_error, 1, 1, args=(argv,))[0]
+    msg = run_distributed(expect_error, 1, 1, args=(argv,))[0]
     assert "K = 2 slices" in msg and "this run has K = 1" in msg and "--hd-pissa-virtual-ranks" in msg, msg
 
 
@@ -218,7 +219,7 @@ def _main_crashing_in_second_save(argv):
         return real(*args, **kwargs)
 
     dist_checkpointing.save = crash
-    return _expect_error(argv)
+    return expect_error(argv)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(m):

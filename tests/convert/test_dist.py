@@ -9,16 +9,21 @@ import json
 import pytest
 import torch
 
-from megatron_hdpissa.convert.hf_megatron import (
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-    load_megatron_state_dict,
-    read_checkpoint_info,
-)
+from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron, convert_megatron_to_hf
+from megatron_hdpissa.convert.load import load_megatron_state_dict
 from megatron_hdpissa.models.config import ModelConfig
+from tests.helpers.conversion import (
+    assert_bit_exact,
+    assert_logits_close,
+    hf_logits,
+    megatron_logits,
+    pipeline_logits,
+    random_ids,
+)
 from tests.helpers.distributed import run_distributed
-from tests.convert.test_hf_megatron import _assert_bit_exact, _assert_logits_close, _hf_logits, _load_tool, _megatron_logits, _random_ids
-from tests.convert.test_pipeline_stages import _pipeline_logits
+from tests.helpers.hf_models import save_random_hf_model
+from tests.helpers.tools import load_tool
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +31,12 @@ def tiny_qwen3_untied_hf_dir(tmp_path_factory):
     """Qwen3 with untied embeddings and head_dim = hidden / heads (8)."""
     from transformers import Qwen3Config
 
-    from tests.conftest import _save_random_hf_model
-
     config = Qwen3Config(
         vocab_size=160, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
         tie_word_embeddings=False, initializer_range=0.1, architectures=["Qwen3ForCausalLM"],
     )
-    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen3_untied"), seed=6)
+    return save_random_hf_model(config, tmp_path_factory.mktemp("tiny_qwen3_untied"), seed=6)
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +73,14 @@ def test_torch_dist_layout_and_info(dist_converted):
 def test_round_trip_is_bit_exact(dist_converted, key, hf, request, tmp_path):
     hf_dir = request.getfixturevalue(hf)
     back = convert_megatron_to_hf(dist_converted[key], tmp_path / "hf", progress=False)
-    _assert_bit_exact(hf_dir, back)
+    assert_bit_exact(hf_dir, back)
     config = json.loads((back / "config.json").read_text())
     # written for both transformers 4.x (top-level rope_theta) and 5.x (rope_parameters)
     assert config["rope_theta"] == ModelConfig.from_hf(hf_dir).rope_theta
 
 
 def test_cli_defaults_to_torch_dist_and_reads_both(tiny_qwen3_hf_dir, tmp_path):
-    to_megatron, to_hf = _load_tool("convert_hf_to_megatron"), _load_tool("convert_megatron_to_hf")
+    to_megatron, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
     assert to_megatron.parse_args(["--hf-dir", "x", "--save", "y"]).ckpt_format == "torch_dist"
     for fmt in ("torch_dist", "torch"):
         ckpt, back = tmp_path / f"ckpt_{fmt}", tmp_path / f"hf_{fmt}"
@@ -86,7 +89,7 @@ def test_cli_defaults_to_torch_dist_and_reads_both(tiny_qwen3_hf_dir, tmp_path):
         assert to_megatron.main(argv + (["--ckpt-format", "torch"] if fmt == "torch" else [])) == 0
         assert read_checkpoint_info(ckpt).ckpt_format == fmt
         assert to_hf.main(["--megatron-dir", str(ckpt), "--save", str(back), "--no-progress"]) == 0
-        _assert_bit_exact(tiny_qwen3_hf_dir, back)
+        assert_bit_exact(tiny_qwen3_hf_dir, back)
     assert to_megatron.main(["--hf-dir", str(tiny_qwen3_hf_dir), "--save", str(tmp_path / "bad"),
                              "--tensor-model-parallel-size", "3", "--no-progress"]) == 1
 
@@ -118,7 +121,7 @@ def test_qwen3_qk_norms_are_converted(dist_converted, tiny_qwen3_hf_dir):
 
 # ---- logits against transformers -----------------------------------------------------------------
 def _logits_counting_mcore_loads(ckpt_dirs: list[str], token_ids):
-    """`_megatron_logits`, and how many of the loads went through megatron-core's
+    """`megatron_logits`, and how many of the loads went through megatron-core's
     dist_checkpointing.load (resharding) rather than the in-process slicing."""
     from megatron_hdpissa.checkpoint import dist as dist_checkpoint
 
@@ -130,7 +133,7 @@ def _logits_counting_mcore_loads(ckpt_dirs: list[str], token_ids):
         return real(*args, **kwargs)
 
     dist_checkpoint.load_dist_checkpoint = counting
-    return _megatron_logits(ckpt_dirs, token_ids), len(calls)
+    return megatron_logits(ckpt_dirs, token_ids), len(calls)
 
 
 def test_torch_dist_and_qwen3_logits_at_tp1(dist_converted, tiny_llama_hf_dir, tiny_qwen3_hf_dir,
@@ -139,11 +142,11 @@ def test_torch_dist_and_qwen3_logits_at_tp1(dist_converted, tiny_llama_hf_dir, t
              ("Qwen3 torch_dist at TP=1", "qwen3_dist", tiny_qwen3_hf_dir),
              ("Qwen3 legacy TP=1", "qwen3_tp1", tiny_qwen3_hf_dir),
              ("Qwen3 untied torch_dist at TP=1", "qwen3u_dist", tiny_qwen3_untied_hf_dir)]
-    token_ids = _random_ids(128, (2, 12))
-    (logits,) = run_distributed(_megatron_logits, world_size=1, tp=1,
+    token_ids = random_ids(128, (2, 12))
+    (logits,) = run_distributed(megatron_logits, world_size=1, tp=1,
                                 args=([str(dist_converted[k]) for _, k, _ in cases], token_ids))
     for (what, _, hf_dir), got in zip(cases, logits):
-        _assert_logits_close(got, _hf_logits(hf_dir, token_ids), what)
+        assert_logits_close(got, hf_logits(hf_dir, token_ids), what)
 
 
 def test_torch_dist_and_qwen3_logits_at_tp2(dist_converted, tiny_llama_hf_dir, tiny_qwen3_hf_dir,
@@ -153,26 +156,26 @@ def test_torch_dist_and_qwen3_logits_at_tp2(dist_converted, tiny_llama_hf_dir, t
              ("Qwen3 torch_dist at TP=2", "qwen3_dist", tiny_qwen3_hf_dir),
              ("Qwen3 legacy TP=2", "qwen3_tp2", tiny_qwen3_hf_dir),
              ("Qwen3 untied torch_dist at TP=2", "qwen3u_dist", tiny_qwen3_untied_hf_dir)]
-    token_ids = _random_ids(128, (2, 12))
+    token_ids = random_ids(128, (2, 12))
     per_rank = run_distributed(_logits_counting_mcore_loads, world_size=2, tp=2,
                                args=([str(dist_converted[k]) for _, k, _ in cases], token_ids))
     assert [n for _, n in per_rank] == [3, 3]  # the torch_dist ones, resharded by megatron-core
     for index, (what, _, hf_dir) in enumerate(cases):
-        hf = _hf_logits(hf_dir, token_ids)
+        hf = hf_logits(hf_dir, token_ids)
         for rank, (logits, _) in enumerate(per_rank):
-            _assert_logits_close(logits[index], hf, f"{what}, rank {rank}")
+            assert_logits_close(logits[index], hf, f"{what}, rank {rank}")
 
 
 def test_torch_dist_logits_at_pp2(dist_converted, tiny_llama_hf_dir, tiny_qwen3_hf_dir):
     cases = [("LLaMA torch_dist at PP=2", "llama_dist", tiny_llama_hf_dir),
              ("Qwen3 tied torch_dist at PP=2", "qwen3_dist", tiny_qwen3_hf_dir)]
-    token_ids = _random_ids(128, (2, 12))
-    per_rank = run_distributed(_pipeline_logits, world_size=2, tp=1, pp=2,
+    token_ids = random_ids(128, (2, 12))
+    per_rank = run_distributed(pipeline_logits, world_size=2, tp=1, pp=2,
                                args=([str(dist_converted[k]) for _, k, _ in cases], token_ids))
     for index, (what, _, hf_dir) in enumerate(cases):
         (none, _, first_layers), (logits, _, last_layers) = (r[index] for r in per_rank)
         assert none is None and (first_layers, last_layers) == (1, 1), what
-        _assert_logits_close(logits, _hf_logits(hf_dir, token_ids), what)
+        assert_logits_close(logits, hf_logits(hf_dir, token_ids), what)
 
 
 # ---- configs the converters do not support -------------------------------------------------------

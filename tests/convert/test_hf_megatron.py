@@ -2,75 +2,19 @@
 TP=1/2/3 (real multi-process runs), bit-exact round trips, and bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_hdpissa.convert.hf_megatron import (
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-    load_megatron_state_dict,
-    read_checkpoint_info,
-)
-from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron, convert_megatron_to_hf
+from megatron_hdpissa.convert.load import load_megatron_state_dict
+from megatron_hdpissa.models.config import ModelConfig
+from megatron_hdpissa.models.gpt import build_gpt_model
+from tests.helpers.conversion import assert_bit_exact, assert_logits_close, hf_logits, megatron_logits, random_ids
 from tests.helpers.distributed import run_distributed
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-# ---- helpers (module level: run inside spawned ranks) -----------------------------------------
-def _megatron_logits(ckpt_dirs: list[str], token_ids: list[list[int]]) -> list[torch.Tensor]:
-    """Full-vocabulary logits of each converted checkpoint on this rank."""
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
-
-    logits = []
-    for ckpt_dir in ckpt_dirs:
-        model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
-        model.eval()
-        device = next(model.parameters()).device
-        ids = torch.tensor(token_ids, device=device)
-        positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        with torch.no_grad():
-            logits.append(model(ids, positions, None).cpu())
-    return logits
-
-
-def _hf_logits(hf_dir, token_ids, **config_overrides) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **config_overrides).eval()
-    with torch.no_grad():
-        return model(torch.tensor(token_ids)).logits
-
-
-def _assert_logits_close(megatron: torch.Tensor, hf: torch.Tensor, what: str) -> None:
-    assert megatron.shape == hf.shape, what
-    scale = hf.abs().max().item()
-    err = (megatron - hf).abs().max().item()
-    assert err <= 1e-4 * scale, f"{what}: max |diff| {err:.3g} vs logit scale {scale:.3g}"
-
-
-def _safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
-
-
-def _assert_bit_exact(a: Path, b: Path) -> None:
-    ta, tb = _safetensors(a), _safetensors(b)
-    assert sorted(ta) == sorted(tb)
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
-
-
-def _random_ids(vocab: int, shape=(2, 12), seed: int = 0) -> list[list[int]]:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed)).tolist()
+from tests.helpers.tools import load_tool
 
 
 # ---- converted checkpoints, shared by the tests of this module --------------------------------
@@ -97,12 +41,12 @@ def test_smollm2_logits_match_hf_at_tp1_and_tp3(converted, smollm2_hf_dir, gsm8k
     token_ids = [tokenizer(q)["input_ids"][:24] for q in questions]
     assert all(len(ids) == 24 for ids in token_ids)
 
-    hf = _hf_logits(smollm2_hf_dir, token_ids)
-    (tp1,) = run_distributed(_megatron_logits, world_size=1, tp=1, args=([str(converted["smollm2_tp1"])], token_ids))
-    tp3 = run_distributed(_megatron_logits, world_size=3, tp=3, args=([str(converted["smollm2_tp3"])], token_ids))
-    _assert_logits_close(tp1[0], hf, "SmolLM2 TP=1")
+    hf = hf_logits(smollm2_hf_dir, token_ids)
+    (tp1,) = run_distributed(megatron_logits, world_size=1, tp=1, args=([str(converted["smollm2_tp1"])], token_ids))
+    tp3 = run_distributed(megatron_logits, world_size=3, tp=3, args=([str(converted["smollm2_tp3"])], token_ids))
+    assert_logits_close(tp1[0], hf, "SmolLM2 TP=1")
     for rank, (logits,) in enumerate(tp3):
-        _assert_logits_close(logits, hf, f"SmolLM2 TP=3 rank {rank}")
+        assert_logits_close(logits, hf, f"SmolLM2 TP=3 rank {rank}")
 
 
 def test_random_llama_qwen2_mistral_logits_match_hf_at_tp2(
@@ -111,17 +55,17 @@ def test_random_llama_qwen2_mistral_logits_match_hf_at_tp2(
     cases = [("LLaMA 8 heads / 4 groups", "llama_tp2", tiny_llama_hf_dir),
              ("Qwen2 with q/k/v biases", "qwen2_tp2", tiny_qwen2_hf_dir),
              ("Mistral sliding window 5", "mistral_tp2", tiny_mistral_hf_dir)]
-    token_ids = _random_ids(128, (2, 16))  # within every vocabulary
+    token_ids = random_ids(128, (2, 16))  # within every vocabulary
     per_rank = run_distributed(
-        _megatron_logits, world_size=2, tp=2,
+        megatron_logits, world_size=2, tp=2,
         args=([str(converted[key]) for _, key, _ in cases], token_ids),
     )
     for index, (what, _, hf_dir) in enumerate(cases):
-        hf = _hf_logits(hf_dir, token_ids)
+        hf = hf_logits(hf_dir, token_ids)
         for rank, logits in enumerate(per_rank):
-            _assert_logits_close(logits[index], hf, f"{what}, TP=2 rank {rank}")
+            assert_logits_close(logits[index], hf, f"{what}, TP=2 rank {rank}")
     # the window is in force: without it, positions past it differ
-    no_window = _hf_logits(tiny_mistral_hf_dir, token_ids, sliding_window=None)
+    no_window = hf_logits(tiny_mistral_hf_dir, token_ids, sliding_window=None)
     assert (no_window - per_rank[0][2])[:, 5:].abs().amax() > 0.1
 
 
@@ -180,7 +124,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(
 
     source = smollm2_hf_dir if key.startswith("smollm2") else tiny_qwen2_hf_dir
     out = convert_megatron_to_hf(converted[key], tmp_path / "hf", progress=False)
-    _assert_bit_exact(source, out)
+    assert_bit_exact(source, out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.config.tie_word_embeddings
@@ -193,8 +137,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(
 
 def test_round_trip_sharded_output_via_cli(tiny_llama_hf_dir, tmp_path):
     """The two CLIs, with the HF side split into several safetensors files plus an index."""
-    to_megatron = _load_tool("convert_hf_to_megatron")
-    to_hf = _load_tool("convert_megatron_to_hf")
+    to_megatron = load_tool("convert_hf_to_megatron")
+    to_hf = load_tool("convert_megatron_to_hf")
     ckpt, back, again = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "ckpt2"
     assert to_megatron.main(["--ckpt-format", "torch", "--hf-dir", str(tiny_llama_hf_dir), "--save", str(ckpt),
                              "--tensor-model-parallel-size", "4", "--no-progress"]) == 0
@@ -202,18 +146,11 @@ def test_round_trip_sharded_output_via_cli(tiny_llama_hf_dir, tmp_path):
                        "--max-shard-size-gb", str(40_000 / 1024**3)]) == 0
     assert len(list(back.glob("model-*-of-*.safetensors"))) > 2
     assert (back / "model.safetensors.index.json").is_file()
-    _assert_bit_exact(tiny_llama_hf_dir, back)
+    assert_bit_exact(tiny_llama_hf_dir, back)
     # the sharded HF folder converts again (read through its index)
     assert to_megatron.main(["--ckpt-format", "torch", "--hf-dir", str(back), "--save", str(again),
                              "--tensor-model-parallel-size", "2", "--no-progress"]) == 0
     assert read_checkpoint_info(again).tp_size == 2
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -255,7 +192,7 @@ def test_existing_output_is_kept_without_force(tiny_qwen2_hf_dir, tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         convert_hf_to_megatron(tiny_qwen2_hf_dir, out, 1, progress=False)
     assert (out / "keep.txt").read_text() == "precious"
-    tool = _load_tool("convert_hf_to_megatron")
+    tool = load_tool("convert_hf_to_megatron")
     assert tool.main(["--hf-dir", str(tiny_qwen2_hf_dir), "--save", str(out), "--no-progress"]) == 1
     assert (out / "keep.txt").read_text() == "precious"
     convert_hf_to_megatron(tiny_qwen2_hf_dir, out, 1, force=True, progress=False)

@@ -3,33 +3,21 @@ PP=2 and TP=2 x PP=2, resharding the stages on load, a real PP=2 forward (megatr
 pipeline schedule, p2p between two processes) against transformers' logits, and bad input."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_hdpissa.convert.hf_megatron import (
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-    hf_tensors_from_megatron,
-    load_megatron_state_dict,
-    merge_pipeline_stages,
-    read_checkpoint_info,
-    split_pipeline_stages,
-)
+from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+from megatron_hdpissa.convert.hf_mapping import hf_tensors_from_megatron
+from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron, convert_megatron_to_hf
+from megatron_hdpissa.convert.load import load_megatron_state_dict
+from megatron_hdpissa.models.pipeline_stages import merge_pipeline_stages, split_pipeline_stages
 from megatron_hdpissa.models.config import ModelConfig
+from tests.helpers.conversion import assert_bit_exact, assert_logits_close, hf_logits, pipeline_logits, random_ids
 from tests.helpers.distributed import run_distributed
-from tests.convert.test_hf_megatron import _assert_bit_exact, _assert_logits_close, _hf_logits, _random_ids
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.hf_models import save_random_hf_model
+from tests.helpers.tools import load_tool
 
 
 def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -43,14 +31,12 @@ def tiny_llama4_hf_dir(tmp_path_factory):
     """LLaMA with 4 layers (2 KV groups, untied), so stages of PP=2 and PP=4 differ."""
     from transformers import LlamaConfig
 
-    from tests.conftest import _save_random_hf_model
-
     config = LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         tie_word_embeddings=False, initializer_range=0.1, architectures=["LlamaForCausalLM"],
     )
-    return _save_random_hf_model(config, tmp_path_factory.mktemp("tiny_llama4"), seed=4)
+    return save_random_hf_model(config, tmp_path_factory.mktemp("tiny_llama4"), seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +96,11 @@ def test_round_trip_through_stages_is_bit_exact(pp_converted, key, tiny_llama_hf
                                                 tiny_llama4_hf_dir, tmp_path):
     source = {"llama": tiny_llama_hf_dir, "qwen2": tiny_qwen2_hf_dir, "llama4": tiny_llama4_hf_dir}[key.split("_")[0]]
     out = convert_megatron_to_hf(pp_converted[key], tmp_path / "hf", progress=False)
-    _assert_bit_exact(source, out)
+    assert_bit_exact(source, out)
 
 
 def test_round_trip_via_cli_with_pipeline_flag(tiny_qwen2_hf_dir, tmp_path):
-    to_megatron, to_hf = _load_tool("convert_hf_to_megatron"), _load_tool("convert_megatron_to_hf")
+    to_megatron, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
     ckpt, back = tmp_path / "ckpt", tmp_path / "hf"
     assert to_megatron.main(["--ckpt-format", "torch", "--hf-dir", str(tiny_qwen2_hf_dir), "--save", str(ckpt), "--no-progress",
                              "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]) == 0
@@ -123,7 +109,7 @@ def test_round_trip_via_cli_with_pipeline_flag(tiny_qwen2_hf_dir, tmp_path):
                        "--pipeline-model-parallel-size", "1"]) == 1  # the expected size is checked
     assert to_hf.main(["--megatron-dir", str(ckpt), "--save", str(back), "--no-progress",
                        "--pipeline-model-parallel-size", "2"]) == 0
-    _assert_bit_exact(tiny_qwen2_hf_dir, back)
+    assert_bit_exact(tiny_qwen2_hf_dir, back)
 
 
 def test_hf_tensors_from_per_rank_stage_state_dicts(pp_converted, tiny_qwen2_hf_dir):
@@ -173,55 +159,23 @@ def test_split_and_merge_are_inverse(pp_converted):
 
 
 # ---- real pipeline-parallel runs ------------------------------------------------------------------
-def _pipeline_logits(ckpt_dirs: list[str], token_ids: list[list[int]]) -> list:
-    """Full-vocabulary logits of each checkpoint, through megatron-core's pipeline schedule
-    (the stage's hidden states go from stage 0 to stage 1 by p2p); None on non-last stages.
-    Also reports which top-level parts each stage's model holds."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
-
-    out = []
-    for ckpt_dir in ckpt_dirs:
-        model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
-        model.eval()
-        ids = torch.tensor(token_ids)
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-
-        def forward_step(data_iterator, model):
-            batch_ids, batch_positions = next(data_iterator)
-            # non_loss_data=True: the schedule collects what this returns (the logits)
-            return model(batch_ids, batch_positions, None), lambda logits, non_loss_data=False: logits.clone()
-
-        with torch.no_grad():
-            collected = get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter([(ids, positions)]), model=[model],
-                num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=ids.shape[0],
-                forward_only=True, collect_non_loss_data=True)
-        parts = sorted({k.split(".")[0] for k in model.state_dict()})
-        out.append((collected[0] if ps.is_pipeline_last_stage() else None, parts,
-                    len(model.decoder.layers)))
-    return out
-
-
 def test_pp2_model_loaded_from_stages_matches_hf_logits(pp_converted, tiny_llama_hf_dir, tiny_qwen2_hf_dir):
     """Two processes, one stage each: converted at PP=2 (untied and tied), and a PP=1 checkpoint
     resharded to PP=2 on load."""
     cases = [("LLaMA PP=2", "llama_pp2", tiny_llama_hf_dir), ("Qwen2 tied PP=2", "qwen2_pp2", tiny_qwen2_hf_dir),
              ("Qwen2 PP=1 checkpoint at PP=2", "qwen2_tp1", tiny_qwen2_hf_dir)]
-    token_ids = _random_ids(128, (2, 12))
-    per_rank = run_distributed(_pipeline_logits, world_size=2, tp=1, pp=2,
+    token_ids = random_ids(128, (2, 12))
+    per_rank = run_distributed(pipeline_logits, world_size=2, tp=1, pp=2,
                                args=([str(pp_converted[key]) for _, key, _ in cases], token_ids))
     for index, (what, _, hf_dir) in enumerate(cases):
         (none, first_parts, first_layers), (logits, last_parts, last_layers) = (r[index] for r in per_rank)
         assert none is None and (first_layers, last_layers) == (1, 1), what
         assert first_parts == ["decoder", "embedding"] and last_parts == ["decoder", "output_layer"], what
-        _assert_logits_close(logits, _hf_logits(hf_dir, token_ids), what)
+        assert_logits_close(logits, hf_logits(hf_dir, token_ids), what)
 
 
 def _pp1_logits(ckpt_dir: str, token_ids: list[list[int]]) -> torch.Tensor:
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
+    from megatron_hdpissa.convert.load import load_gpt_model
 
     model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
     ids = torch.tensor(token_ids)
@@ -230,9 +184,9 @@ def _pp1_logits(ckpt_dir: str, token_ids: list[list[int]]) -> torch.Tensor:
 
 
 def test_pp2_checkpoint_loads_at_pp1(pp_converted, tiny_qwen2_hf_dir):
-    token_ids = _random_ids(128, (2, 12))
+    token_ids = random_ids(128, (2, 12))
     (logits,) = run_distributed(_pp1_logits, world_size=1, tp=1, args=(str(pp_converted["qwen2_pp2"]), token_ids))
-    _assert_logits_close(logits, _hf_logits(tiny_qwen2_hf_dir, token_ids), "Qwen2 PP=2 checkpoint at PP=1")
+    assert_logits_close(logits, hf_logits(tiny_qwen2_hf_dir, token_ids), "Qwen2 PP=2 checkpoint at PP=1")
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -241,7 +195,7 @@ def test_pp_not_dividing_layers_is_rejected(tiny_llama_hf_dir, pp_converted, tmp
                                          r"num_layers=2 .*valid sizes: \[1, 2\]"):
         convert_hf_to_megatron(tiny_llama_hf_dir, tmp_path / "out", 1, pp_size=3, progress=False)
     assert not list(tmp_path.iterdir())  # nothing written, no temp folder left
-    assert _load_tool("convert_hf_to_megatron").main([
+    assert load_tool("convert_hf_to_megatron").main([
         "--hf-dir", str(tiny_llama_hf_dir), "--save", str(tmp_path / "out"), "--no-progress",
         "--pipeline-model-parallel-size", "0"]) == 1
     with pytest.raises(ValueError, match=r"saved with --pipeline-model-parallel-size 4\) at "

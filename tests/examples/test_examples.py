@@ -15,7 +15,7 @@ from megatron_hdpissa.training.finetune import parse_args as trainer_parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-TRAINER = "megatron_hdpissa.training.finetune"
+TRAINER = "megatron_hdpissa.finetune"
 CONVERTER = "tools/convert_hf_to_megatron.py"
 # The smallest HD-PiSSA target of each model: k_proj / v_proj, (8 KV heads x 128) x hidden.
 SMALLEST_TARGET = {"8b": (1024, 4096), "70b": (1024, 8192)}
@@ -118,7 +118,7 @@ def test_llama3_70b_tp8_pp2_slurm(nodes, dp, virtual):
     cmds = commands(EXAMPLES / "slurm" / "llama3_70b_tp8_pp2.sbatch", env)
     conv, args, train = split_commands(cmds)
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (8, 2)
-    assert train[0] == "srun" and f"--ntasks={nodes * 8}" in train and "megatron_hdpissa.launch.launcher" in train
+    assert train[0] == "srun" and f"--ntasks={nodes * 8}" in train and "megatron_hdpissa.launch" in train
     assert check_hd_pissa_layout(conv, args, nodes * 8, "70b") == (dp, 8)
     assert args.hd_pissa_virtual_ranks == virtual
     sbatch_nodes = [line for line in (EXAMPLES / "slurm" / "llama3_70b_tp8_pp2.sbatch").read_text().splitlines()

@@ -9,19 +9,26 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from megatron_hdpissa.distributed.groups import free_port
+from megatron_hdpissa.distributed.groups import free_port, initialize, shutdown
 
 
-def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo", pp=1):
+# imported once by the forkserver; every rank is forked from it with these already loaded
+PRELOAD = ["torch", "megatron.core", "megatron.core.parallel_state", "megatron_hdpissa.distributed.groups",
+           "megatron_hdpissa.training.finetune", "transformers", "tests.helpers.distributed"]
+
+
+def _worker(rank, world_size, tp, port, fn, args, out_dir, backend, pp, environ, cwd):
+    # a forkserver child starts with the forkserver's environment and folder, not the test's
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from megatron_hdpissa.distributed import groups as distributed
-
     try:
-        distributed.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend=backend)
+        initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend=backend)
         result = fn(*args)
         error = None
     except BaseException:  # noqa: BLE001 - shipped back to the parent test
@@ -29,7 +36,7 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir, backend="gloo", pp=1)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump((result, error), f)
     try:
-        distributed.shutdown()
+        shutdown()
     except Exception:  # noqa: BLE001
         pass
 
@@ -38,13 +45,14 @@ def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = (), backend:
                     pp: int = 1) -> list:
     """Spawn `world_size` processes, run `fn(*args)` in each after megatron-core initialisation
     with tensor / pipeline parallel sizes `tp` / `pp`, and return the per-rank results (re-raising any failure)."""
+    mp.set_forkserver_preload(PRELOAD)  # read when the forkserver starts (first call of the session)
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, tp, free_port(), fn, args, out_dir, backend, pp),
+            args=(world_size, tp, free_port(), fn, args, out_dir, backend, pp, dict(os.environ), os.getcwd()),
             nprocs=world_size,
             join=True,
-            start_method="spawn",
+            start_method="forkserver",
         )
         results = []
         for rank in range(world_size):

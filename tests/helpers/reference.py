@@ -1,4 +1,4 @@
-"""Dense single-process reference of the HD-PiSSA equations (DESIGN §1), written independently of
+"""Dense single-process reference of the HD-PiSSA equations (docs/DESIGN.md §1), written independently of
 the package: autograd on W + s(BA - sg(BA)) for each of the K simulated ranks, torch.optim.AdamW
 per rank, and W += sum_k [(B_k - dB_k)(A_k - dA_k) - B_k A_k], all in float64."""
 from __future__ import annotations

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from megatron_hdpissa.integrations import megatron_lm
+from megatron_hdpissa.integrations.megatron_lm_model import hd_pissa_after_load, is_hd_pissa_model
+from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
+from megatron_hdpissa.training.arguments import hd_pissa_config
 from tests.helpers.distributed import run_distributed
 
 
@@ -83,7 +86,7 @@ def test_flags_compose_with_an_existing_provider_in_both_api_styles():
 
     for args in (old, new):
         assert (args.my_flag, args.hd_pissa_rank, args.hd_pissa_alpha, args.peft) == (3, 4, 2.0, "hd-pissa")
-        cfg = megatron_lm.hd_pissa_config(args)
+        cfg = hd_pissa_config(args)
         assert (cfg.rank, cfg.scale, cfg.seed) == (4, 0.5, 1234)
     with pytest.raises(RuntimeError, match="extra_args_provider"):
         megatron_lm.args_provider_api(pretrain_018, lambda ignore_unknown_args=False: None)
@@ -123,8 +126,8 @@ def test_wrapped_provider_keeps_signature_and_only_touches_hd_pissa_runs():
     wrapped = megatron_lm.wrap_model_provider(inner, argparse.Namespace(peft="full"))
     assert inspect.signature(wrapped) == inspect.signature(inner)  # for code that inspects providers
     model = wrapped(pre_process=True, post_process=True, vp_stage=None)
-    assert isinstance(model, torch.nn.Linear) and not megatron_lm.is_hd_pissa_model(model)
-    with pytest.raises(NotImplementedError, match="megatron_hdpissa.training.finetune"):
+    assert isinstance(model, torch.nn.Linear) and not is_hd_pissa_model(model)
+    with pytest.raises(NotImplementedError, match="megatron_hdpissa.finetune"):
         megatron_lm.wrap_model_provider(inner, argparse.Namespace(peft="lora"))()
     te = argparse.Namespace(peft="hd-pissa", transformer_impl="transformer_engine")
     with pytest.raises(ValueError, match="--transformer-impl local"):
@@ -147,21 +150,17 @@ def _batch(dp_rank: int, vocab: int):
 
 
 def _loss(model, batch):
-    from megatron_hdpissa.training.finetune import micro_batch_loss
+    from megatron_hdpissa.training.step import micro_batch_loss
 
     loss_sum, count = micro_batch_loss(model, batch, torch.device("cpu"))
     return loss_sum / count
 
 
 def _targeted_weights(model):
-    from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
-
     return {name: module.weight.detach().clone() for name, module, _ in iter_adapters(model)}
 
 
 def _factors(model):
-    from megatron_hdpissa.peft.hd_pissa.model import iter_adapters
-
     out = {}
     for name, _, ad in iter_adapters(model):
         for part in ad.a.keys():
@@ -174,10 +173,10 @@ def _megatron_lm_flow(base_dir: str):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_hdpissa import apply_hd_pissa
-    from megatron_hdpissa.convert.hf_megatron import load_megatron_checkpoint, load_megatron_state_dict
+    from megatron_hdpissa.convert.load import load_megatron_checkpoint, load_megatron_state_dict
     from megatron_hdpissa.distributed.groups import ParallelGroups
-    from megatron_hdpissa.training.finetune import hd_pissa_config
-    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+    from megatron_hdpissa.models.config import ModelConfig
+    from megatron_hdpissa.models.gpt import build_gpt_model
     from megatron_hdpissa.optimizer.hd_pissa import HDPiSSAOptimizer
 
     groups = ParallelGroups.from_megatron()
@@ -191,7 +190,7 @@ def _megatron_lm_flow(base_dir: str):
     model = provider(pre_process=True, post_process=True)
     base_sd = load_megatron_state_dict(base_dir, 0, 1)
     out["state_dict_is_base"] = set(model.state_dict()) == set(base_sd)
-    out["adapters"] = sum(1 for _ in megatron_lm.iter_adapters(model))
+    out["adapters"] = sum(1 for _ in iter_adapters(model))
     out["trainable_before_optimizer"] = [n for n, p in model.named_parameters() if p.requires_grad]
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
     out["ddp_params"] = len(ddp.params_with_grad) if hasattr(ddp, "params_with_grad") else None
@@ -216,7 +215,7 @@ def _megatron_lm_flow(base_dir: str):
     opt.zero_grad()
     _loss(ddp, batch).backward()  # the first forward decomposes the loaded weights
     ddp.finish_grad_sync()  # what Megatron's finalize_model_grads runs
-    out["decomposed_again"] = megatron_lm.hd_pissa_after_load([ddp])
+    out["decomposed_again"] = hd_pissa_after_load([ddp])
     ours, theirs = _factors(model), _factors(ref)
     out["factors_equal"] = ours.keys() == theirs.keys() and all(
         all(torch.equal(x, y) for x, y in zip(ours[k], theirs[k])) for k in ours)
@@ -260,7 +259,7 @@ def _megatron_lm_flow(base_dir: str):
         o.zero_grad()
         _loss(m, batch2).backward()
         o.step()
-    out["resume_decomposed"] = megatron_lm.hd_pissa_after_load(resumed)
+    out["resume_decomposed"] = hd_pissa_after_load(resumed)
     w1, w2 = _targeted_weights(model), _targeted_weights(resumed)
     out["resume_equal"] = all(torch.equal(w1[k], w2[k]) for k in w1)
     return out
@@ -295,9 +294,10 @@ def _pp_flow(base_dir: str, steps: int = 2):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_hdpissa.convert.hf_megatron import load_megatron_checkpoint
+    from megatron_hdpissa.convert.load import load_megatron_checkpoint
     from megatron_hdpissa.distributed.groups import ParallelGroups
-    from megatron_hdpissa.models.config import ModelConfig, build_gpt_model
+    from megatron_hdpissa.models.config import ModelConfig
+    from megatron_hdpissa.models.gpt import build_gpt_model
     from megatron_hdpissa.training.step import make_forward_step
 
     groups = ParallelGroups.from_megatron()
@@ -326,7 +326,8 @@ def _pp_flow(base_dir: str, steps: int = 2):
 
 
 def test_megatron_lm_flow_at_pp2_equals_pp1(base_checkpoint):
-    from megatron_hdpissa.convert.hf_megatron import load_megatron_state_dict, merge_pipeline_stages
+    from megatron_hdpissa.convert.load import load_megatron_state_dict
+    from megatron_hdpissa.models.pipeline_stages import merge_pipeline_stages
     from megatron_hdpissa.models.config import ModelConfig
 
     (one,) = run_distributed(_pp_flow, 1, 1, args=(str(base_checkpoint),))

@@ -29,6 +29,40 @@ def test_does_nothing_when_cuda_is_present(monkeypatch):
     assert torch.cuda.current_device is sentinel
 
 
+@pytest.mark.parametrize("module_name, attribute", [
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.transformer.utils", "get_sliding_window_causal_mask"),
+    ("megatron.core.pipeline_parallel.schedules", "torch"),
+])
+def test_a_renamed_megatron_core_attribute_fails_loudly_before_any_patch(monkeypatch, module_name, attribute):
+    import importlib
+    from importlib.metadata import version
+
+    from megatron.core.transformer import utils as transformer_utils
+
+    module = importlib.import_module(module_name)
+    monkeypatch.delattr(module, attribute)  # what a megatron-core rename looks like to the shim
+    monkeypatch.setattr(compat, "_applied", False)
+    sentinel = object()
+    monkeypatch.setattr(transformer_utils, "get_default_causal_mask", sentinel)
+    with pytest.raises(compat.MegatronCoreChanged) as raised:
+        compat.ensure_cpu_compat()
+    message = str(raised.value)
+    assert f"{module_name}.{attribute}" in message
+    assert f"megatron-core {version('megatron-core')} " in message
+    assert transformer_utils.get_default_causal_mask is sentinel  # checked before anything was patched
+
+
+def test_a_renamed_class_attribute_names_the_class(monkeypatch):
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    monkeypatch.delattr(LanguageModule, "setup_embeddings_and_output_layer")
+    monkeypatch.setattr(compat, "_applied", False)
+    with pytest.raises(compat.MegatronCoreChanged, match=r"language_module\.LanguageModule\."
+                       r"setup_embeddings_and_output_layer, which megatron-core"):
+        compat.ensure_cpu_compat()
+
+
 def test_causal_masks_match_their_definition():
     compat.ensure_cpu_compat()
     from megatron.core.fusions import fused_softmax
@@ -77,7 +111,7 @@ def _forward_backward(ckpt_dir: str, token_ids, out_weight: torch.Tensor):
     """Gradients of sum(logits * out_weight), plain and with activation recomputation."""
     from megatron.core import parallel_state
 
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
+    from megatron_hdpissa.convert.load import load_gpt_model
 
     ids = torch.tensor(token_ids)
     positions = torch.arange(ids.shape[1]).expand_as(ids)

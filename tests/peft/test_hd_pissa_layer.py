@@ -17,6 +17,7 @@ def train_toy(tp: int, virtual: int, fused: bool, steps: int, weight_decay: floa
     from megatron.core import parallel_state as ps
 
     from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, active_slice, apply_hd_pissa
+    from megatron_hdpissa.peft.common import peft_method
 
     torch.manual_seed(0)
     w0 = toy.logical_weights()
@@ -45,6 +46,7 @@ def train_toy(tp: int, virtual: int, fused: bool, steps: int, weight_decay: floa
         "trainable": trainable,
         "bytes": opt.last_step_bytes,
         "world": dist.get_world_size(),
+        "method": peft_method(model),
     }
 
 
@@ -58,6 +60,7 @@ def check_against_reference(results, dp, virtual, fused, steps=STEPS, weight_dec
     ref = reference.hd_pissa_reference(w0, data, R, ALPHA / R, LR, steps, weight_decay=weight_decay, fused=fused)
     for res in results:
         assert res["forward_unchanged"], "wrapping changed the forward output"
+        assert res["method"] == "hd-pissa"
         assert all(".hd_pissa." in n for n in res["trainable"]), res["trainable"]
     first = results[0]["weights"]
     for res in results[1:]:  # every rank (all DP and TP ranks) ends with the same logical W

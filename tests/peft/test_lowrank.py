@@ -1,4 +1,4 @@
-"""LoRA and PiSSA baselines (baselines.py) against HF PEFT on a dense nn.Linear twin of the toy,
+"""LoRA and PiSSA baselines (peft/lowrank) against HF PEFT on a dense nn.Linear twin of the toy,
 and on real megatron-core layers over a TP x DP grid against the single-process run."""
 from __future__ import annotations
 
@@ -119,14 +119,16 @@ class GatherScatterToy(nn.Module):
 def _train(method, groups, lora_a=None, model_cls=toy.MegatronToy, targets=None):
     """One baseline run on the megatron toy at the current megatron-core TP size with the DP
     layout of `groups`: loss per rank = mean over its micro-batches, DataParallelAdamW."""
-    from megatron_hdpissa import HDPiSSAConfig
-    from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW, apply_lowrank, iter_lowrank, merge_lowrank
+    from megatron_hdpissa.optimizer.data_parallel import DataParallelAdamW
+    from megatron_hdpissa.peft.common import peft_method
+    from megatron_hdpissa.peft.lowrank.config import LowRankConfig
+    from megatron_hdpissa.peft.lowrank.model import apply_lowrank, iter_lowrank, merge_lowrank
 
     x = _probe()
     model = model_cls(toy.logical_weights(), groups.tp_size)
     base_out = model(x).detach().clone()
-    cfg = HDPiSSAConfig(rank=R, alpha=float(ALPHA), **({"target_modules": targets} if targets else {}))
-    apply_lowrank(model, cfg, method, groups=groups, progress=False)
+    cfg = LowRankConfig(method, rank=R, alpha=float(ALPHA), **({"target_modules": targets} if targets else {}))
+    apply_lowrank(model, cfg, groups=groups, progress=False)
     adapters = {f"{name}.{part}": (ad.a[part], ad.b[part]) for name, _, ad in iter_lowrank(model) for part in ad.a}
     if lora_a is not None:  # PEFT's Kaiming draw (full A, TP=1 only)
         with torch.no_grad():
@@ -138,6 +140,7 @@ def _train(method, groups, lora_a=None, model_cls=toy.MegatronToy, targets=None)
         "w_res": model.logical_weights(),
         "factors": {k: (a.detach().clone(), b.detach().clone()) for k, (a, b) in adapters.items()},
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "method": peft_method(model),
     }
     opt = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=groups, lr=LR,
                             weight_decay=WD)
@@ -233,9 +236,10 @@ def test_twin_is_the_toy():
 
 
 def test_scale_is_alpha_over_r_like_peft(peft_runs):
-    from megatron_hdpissa import HDPiSSAConfig
+    from megatron_hdpissa import HDPiSSAConfig, LowRankConfig
 
     assert HDPiSSAConfig(rank=R, alpha=ALPHA).scale == ALPHA / R == 2.0
+    assert LowRankConfig("lora", rank=R, alpha=ALPHA).scale == ALPHA / R
     for run in peft_runs.values():
         assert set(run["scaling"].values()) == {ALPHA / R}
 
@@ -333,6 +337,11 @@ def test_parallel_matches_single_process(grid, config, method):
             assert res["bytes"] == 4 * sum(a.numel() + b.numel() for a, b in res["factors"].values())
         else:
             assert res["bytes"] == 0
+
+
+def test_method_is_recorded(grid):
+    for method in ("lora", "pissa"):
+        assert {res["method"] for c in GRID for res in grid[c][method]} == {method}
 
 
 @pytest.mark.parametrize("config", GRID)

@@ -20,9 +20,9 @@ def _batches(vocab: int, dp_rank: int, steps: int, seq: int):
 
 
 def _adapted_model(ckpt: str, method: str, overrides: dict):
-    from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, apply_hd_pissa, apply_lowrank
-    from megatron_hdpissa.peft.lowrank.model import DataParallelAdamW
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
+    from megatron_hdpissa import HDPiSSAConfig, HDPiSSAOptimizer, LowRankConfig, apply_hd_pissa, apply_lowrank
+    from megatron_hdpissa.optimizer.data_parallel import DataParallelAdamW
+    from megatron_hdpissa.convert.load import load_gpt_model
 
     model, _ = load_gpt_model(ckpt, **overrides)
     # "hd-pissa-norms" also trains every RMSNorm data-parallel: under SP each TP rank sees only
@@ -33,7 +33,7 @@ def _adapted_model(ckpt: str, method: str, overrides: dict):
     if method.startswith("hd-pissa"):
         apply_hd_pissa(model, cfg, progress=False)
         return model, HDPiSSAOptimizer(model, lr=LR)
-    apply_lowrank(model, cfg, method, progress=False)
+    apply_lowrank(model, LowRankConfig(method, rank=R, alpha=ALPHA, trainable_modules=norms), progress=False)
     return model, DataParallelAdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
 
@@ -216,7 +216,7 @@ def test_sequence_parallel_smollm2_tp3_dp2(smollm2_hf_dir, tmp_path):
     (dict(recompute_granularity="selective", recompute_num_layers=1), "selective takes no"),
 ])
 def test_bad_parallelism_flags_name_the_flag(kwargs, flag):
-    from megatron_hdpissa.models.config import parallelism_overrides
+    from megatron_hdpissa.models.gpt import parallelism_overrides
 
     args = dict(tp_size=2, seq_length=16, num_layers=4)
     args.update(kwargs)
@@ -225,7 +225,7 @@ def test_bad_parallelism_flags_name_the_flag(kwargs, flag):
 
 
 def test_overrides_reach_transformer_config():
-    from megatron_hdpissa.models.config import parallelism_overrides
+    from megatron_hdpissa.models.gpt import parallelism_overrides
 
     out = parallelism_overrides(2, 16, 4, pp_size=2, sequence_parallel=True,
                                 recompute_granularity="full", recompute_method="block",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
+from tests.helpers.trainer import expect_error, expect_errors, finetune_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def material(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
 
     root = tmp_path_factory.mktemp("ft")
     base = convert_hf_to_megatron(smollm2_hf_dir, root / "base", tp_size=1, progress=False)
@@ -50,15 +52,8 @@ def common_args(m, **over):
     return out
 
 
-def _main(argv):
-    from megatron_hdpissa.training import finetune
-
-    torch.set_num_threads(1)
-    return finetune.main(argv)
-
-
 def _logits(ckpt_dir, tokens):
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
+    from megatron_hdpissa.convert.load import load_gpt_model
 
     model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
     model.eval()
@@ -68,7 +63,7 @@ def _logits(ckpt_dir, tokens):
 
 def _weights(ckpt_dir, iteration, pp: int = 1):
     """TP rank 0's whole-model weights (pipeline stages joined)."""
-    from megatron_hdpissa.convert.hf_megatron import merge_pipeline_stages
+    from megatron_hdpissa.models.pipeline_stages import merge_pipeline_stages
     from megatron_hdpissa.models.config import ModelConfig
 
     it = Path(ckpt_dir) / f"iter_{iteration:07d}"
@@ -82,7 +77,7 @@ def test_finetune_lowers_heldout_loss_and_export_matches(material):
 
     save, export = material["root"] / "run", material["root"] / "hf"
     argv = common_args(material, **{"--train-iters": 8, "--save": save, "--export-hf": export})
-    results = run_distributed(_main, 2, 1, args=(argv,))
+    results = run_distributed(finetune_main, 2, 1, args=(argv,))
     r = results[0]
     assert r["valid_loss_after"] < r["valid_loss_before"] - 0.05, r
     # weights moved, and the export is the trained model
@@ -116,7 +111,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
     root = material["root"]
     flags, pp = LAYOUTS[layout]
     full = root / f"uninterrupted_{layout}"
-    r_full = run_distributed(_main, 2, 1, pp=pp, args=(common_args(material, **{
+    r_full = run_distributed(finetune_main, 2, 1, pp=pp, args=(common_args(material, **{
         "--train-iters": 6, "--save": full, **NORMS, **flags}),))[0]
     assert r_full["others_optimizer"] == "ChainedOptimizer", "norms go through get_megatron_optimizer"
 
@@ -143,11 +138,11 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
     saved_at = int(tracker.read_text())
     assert 2 <= saved_at < 6
 
-    r = run_distributed(_main, 2, 1, pp=pp, args=(common_args(material, **{
+    r = run_distributed(finetune_main, 2, 1, pp=pp, args=(common_args(material, **{
         "--train-iters": 6, "--save": killed, "--load": killed, **NORMS, **flags}),))[0]
     assert r["start"] == saved_at
     if flags["--ckpt-format"] == "torch_dist":  # every saved tensor: weights, factors, moments
-        from megatron_hdpissa.checkpoint.dist import read_global_tensors
+        from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
 
         sa, sb = read_global_tensors(full / "iter_0000006"), read_global_tensors(killed / "iter_0000006")
         assert set(sa) == set(sb) and any(k.startswith("optimizer.state.exp_avg_sq.") for k in sa), sorted(sa)[:5]
@@ -167,7 +162,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(material, layout):
             assert torch.equal(st["exp_avg_sq"], sb["optimizer"]["state"][key]["exp_avg_sq"])
         assert sa["data"] == sb["data"]
     if pp > 1:  # the factors and moments belong to one stage: another PP is refused, naming the flag
-        msg = run_distributed(_expect_error, 1, 1, args=(common_args(material, **{
+        msg = run_distributed(expect_error, 1, 1, args=(common_args(material, **{
             "--train-iters": 8, "--load": killed, **NORMS, "--hd-pissa-virtual-ranks": 2,
             "--global-batch-size": 4}),))[0]
         assert "--pipeline-model-parallel-size = 2, this run has 1" in msg, msg
@@ -193,17 +188,9 @@ def _descendants(pid: int) -> list[int]:
 def test_resume_refuses_another_layout(material):
     save = material["root"] / "run"  # written by the 2-rank test above (or written here)
     if not (save / "latest_checkpointed_iteration.txt").exists():
-        run_distributed(_main, 2, 1, args=(common_args(material, **{"--train-iters": 1, "--save": save}),))
-    msg = run_distributed(_expect_error, 1, 1, args=(common_args(material, **{"--train-iters": 9, "--load": save}),))[0]
+        run_distributed(finetune_main, 2, 1, args=(common_args(material, **{"--train-iters": 1, "--save": save}),))
+    msg = run_distributed(expect_error, 1, 1, args=(common_args(material, **{"--train-iters": 9, "--load": save}),))[0]
     assert "data-parallel size" in msg and "= 2, this run has 1" in msg, msg
-
-
-def _expect_error(argv):
-    try:
-        _main(argv)
-    except Exception as e:  # noqa: BLE001 - the message is what is tested
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def test_bad_input_errors(material, tmp_path, tiny_llama_hf_dir):
@@ -225,7 +212,7 @@ def test_bad_input_errors(material, tmp_path, tiny_llama_hf_dir):
         common_args(material, **{"--train-iters": 1, "--hd-pissa-rank": 400}),
         common_args(material, **{"--train-iters": 1, "--hd-pissa-alpha": 0}),
     ]
-    msgs = run_distributed(_errors, 1, 1, args=(cases,))[0]
+    msgs = run_distributed(expect_errors, 1, 1, args=(cases,))[0]
     assert f"{garbled}:3" in msgs[0], msgs[0]
     assert str(empty) in msgs[1] and "no examples" in msgs[1], msgs[1]
     assert "missing" in msgs[2] and "does not exist" in msgs[2], msgs[2]
@@ -234,12 +221,9 @@ def test_bad_input_errors(material, tmp_path, tiny_llama_hf_dir):
     assert "--hd-pissa-alpha" in msgs[5], msgs[5]
 
 
-def _errors(cases):
-    return [_expect_error(argv) for argv in cases]
-
-
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     from megatron_hdpissa.checkpoint import training_state as checkpointing
+    from megatron_hdpissa.checkpoint.atomic import read_tracker
     from megatron_hdpissa.distributed.groups import ParallelGroups
 
     groups = ParallelGroups(None, None, 0, 1, 0, 1)
@@ -261,7 +245,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         checkpointing.save_checkpoint(tmp_path, 2, model, {"iteration": 2}, {"peft": "x"}, groups)
     monkeypatch.setattr(checkpointing.torch, "save", real_save)
-    assert checkpointing.latest_iteration(tmp_path) == 1
+    assert read_tracker(tmp_path) == 1
     assert not (tmp_path / "iter_0000002").exists()
     loaded = torch.load(tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
     for k in first:

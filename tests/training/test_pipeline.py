@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.training.test_finetune import _expect_error, _main
+from tests.helpers.hf_models import tiny_llama_with_smollm2_tokenizer
+from tests.helpers.trainer import expect_error, expect_errors, finetune_main
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.sft import split_gsm8k, write_jsonl
-    from tests.conftest import tiny_llama_with_smollm2_tokenizer
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
 
     root = tmp_path_factory.mktemp("pp")
     hf = tiny_llama_with_smollm2_tokenizer(
@@ -53,7 +54,7 @@ def _losses(m, run):
 
 def _merged_weights(save: Path, iteration: int, tp: int = 1, pp: int = 1) -> list[dict]:
     """Whole-model state dict of each TP rank of a training checkpoint (stages joined)."""
-    from megatron_hdpissa.convert.hf_megatron import merge_pipeline_stages
+    from megatron_hdpissa.models.pipeline_stages import merge_pipeline_stages
     from megatron_hdpissa.models.config import ModelConfig
 
     it = save / f"iter_{iteration:07d}"
@@ -98,9 +99,9 @@ def _join(key, shards, like):
 def test_pp2_dp2_equals_pp1_dp2_and_export_matches(tiny):
     from transformers import AutoModelForCausalLM
 
-    r1 = run_distributed(_main, 2, 1, args=(_argv(tiny, "pp1"),))[0]
+    r1 = run_distributed(finetune_main, 2, 1, args=(_argv(tiny, "pp1"),))[0]
     export = tiny["root"] / "pp2_hf"
-    r2 = run_distributed(_main, 4, 1, args=(_argv(tiny, "pp2", **{"--pipeline-model-parallel-size": 2,
+    r2 = run_distributed(finetune_main, 4, 1, args=(_argv(tiny, "pp2", **{"--pipeline-model-parallel-size": 2,
                                                                   "--export-hf": export}),), pp=2)[0]
     _assert_same_run(tiny, "pp1", "pp2", pp_b=2)
     assert r2["valid_loss_after"] == pytest.approx(r1["valid_loss_after"], rel=1e-6)
@@ -114,7 +115,7 @@ def test_pp2_dp2_equals_pp1_dp2_and_export_matches(tiny):
 
 
 def _logits(ckpt_dir, tokens):
-    from megatron_hdpissa.convert.hf_megatron import load_gpt_model
+    from megatron_hdpissa.convert.load import load_gpt_model
 
     model, _ = load_gpt_model(ckpt_dir, parallel_output=False)
     model.eval()
@@ -127,8 +128,8 @@ def test_baselines_at_pp2(tiny, method):
     """The data-parallel baselines at PP=2 equal PP=1 (LoRA's A is drawn per global layer, so
     every pipeline layout starts from the same adapters)."""
     over = {"--peft": method, "--lr": 3e-3}
-    run_distributed(_main, 1, 1, args=(_argv(tiny, f"{method}1", **over),))
-    run_distributed(_main, 2, 1, args=(_argv(tiny, f"{method}2", **over, **{"--pipeline-model-parallel-size": 2}),),
+    run_distributed(finetune_main, 1, 1, args=(_argv(tiny, f"{method}1", **over),))
+    run_distributed(finetune_main, 2, 1, args=(_argv(tiny, f"{method}2", **over, **{"--pipeline-model-parallel-size": 2}),),
                     pp=2)
     _assert_same_run(tiny, f"{method}1", f"{method}2", pp_b=2, adapters_moved=method == "lora")
     a, b = _adapters(tiny["root"] / f"{method}1", 3, 1), _adapters(tiny["root"] / f"{method}2", 3, 2)
@@ -151,7 +152,7 @@ def _adapters(save: Path, iteration: int, pp: int) -> dict:
 
 @pytest.fixture(scope="module")
 def tp1_run(tiny):
-    run_distributed(_main, 1, 1, args=(_argv(tiny, "tp1"),))
+    run_distributed(finetune_main, 1, 1, args=(_argv(tiny, "tp1"),))
     return "tp1"
 
 
@@ -160,7 +161,7 @@ def test_pp2_tp2_equals_tp1(tiny, tp1_run, sp):
     """PP=2 x TP=2 (with and without --sequence-parallel, and variable-length micro-batches
     crossing the stages) equals the TP=1 run."""
     run = "tp2pp2" + ("sp" if sp else "")
-    run_distributed(_main, 4, 2, args=(_argv(tiny, run, **{"--pipeline-model-parallel-size": 2,
+    run_distributed(finetune_main, 4, 2, args=(_argv(tiny, run, **{"--pipeline-model-parallel-size": 2,
                                                            "--tensor-model-parallel-size": 2,
                                                            "--sequence-parallel": None if sp else False,
                                                            "--pretrained-checkpoint": tiny["base_tp2"]}),),
@@ -170,7 +171,7 @@ def test_pp2_tp2_equals_tp1(tiny, tp1_run, sp):
 
 def test_pp_must_divide_layers(tiny):
     # checked before any process group is created
-    msg = _expect_error(_argv(tiny, "bad", **{"--pipeline-model-parallel-size": 3}))
+    msg = expect_error(_argv(tiny, "bad", **{"--pipeline-model-parallel-size": 3}))
     assert "--pipeline-model-parallel-size 3 does not divide the 2 layers" in msg, msg
 
 
@@ -183,13 +184,9 @@ def test_sequence_parallel_and_recompute_flags_reach_the_model(tiny):
     args = parse_args(argv)
     assert effective_pad_multiple(args) == 6  # a multiple of TP under sequence parallelism
     assert args.recompute_modules == [] and args.recompute_num_layers is None
-    msgs = run_distributed(_errors, 1, 1, args=([
+    msgs = run_distributed(expect_errors, 1, 1, args=([
         _argv(tiny, "sp1", **{"--sequence-parallel": None}),
         _argv(tiny, "rc", **{"--recompute-granularity": "full"}),
     ],))[0]
     assert "--sequence-parallel needs --tensor-model-parallel-size > 1" in msgs[0], msgs[0]
     assert "--recompute-method" in msgs[1], msgs[1]
-
-
-def _errors(cases):
-    return [_expect_error(argv) for argv in cases]

@@ -1,21 +1,27 @@
 """HDPiSSAConfig: every knob of the adapters, decomposition and aggregation in one dataclass."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
 
-DEFAULT_TARGET_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-SVD_METHODS = ("exact", "randomized")
-MASTER_WEIGHTS = ("auto", "fp32-base", "sharded-fp32", "compensated-bf16", "none")
-AGGREGATION = ("auto", "factors", "dense")
+from megatron_hdpissa.peft.common import AdapterSettings, ConfigError
+
+MASTER_WEIGHT_MODES = ("fp32-base", "sharded-fp32", "compensated-bf16", "none")
+MASTER_WEIGHTS = ("auto", *MASTER_WEIGHT_MODES)
+AGGREGATION_PATHS = ("factors", "dense")
+AGGREGATION = ("auto", *AGGREGATION_PATHS)
+BUCKET_SIZE = 1 << 24  # elements per communication bucket
+CONSISTENCY_CHECK_INTERVAL = 50  # optimizer steps between checks that all DP ranks agree
 
 
-@dataclass
-class HDPiSSAConfig:
+@dataclass(kw_only=True)
+class HDPiSSAConfig(AdapterSettings):
     """Configuration of HD-PiSSA.
 
-    rank: per-slice adapter rank `r` (`--hd-pissa-rank`).
-    alpha: scale numerator, `s = alpha / rank` as a float (`--hd-pissa-alpha`); None means
+    Errors are `ConfigError`s naming these parameters; the trainer maps them to its flags
+    (`--hd-pissa-<name>`, see training/arguments.py).
+
+    rank: per-slice adapter rank `r`.
+    alpha: scale numerator, `s = alpha / rank` as a float; None means
         `alpha = rank` (s = 1), which is what the published recipe (r = alpha = 16) uses.
     target_modules: which parallel linears get adapters. Each entry matches a module whose
         dotted name equals it or ends with `.entry`; an entry starting with `re:` is a regular
@@ -32,8 +38,8 @@ class HDPiSSAConfig:
     trainable_modules: patterns (same syntax as target_modules) of other parameters to keep
         trainable (e.g. norms); they are trained data-parallel with averaged gradients.
     consistency_check_interval: every N optimizer steps verify that all data-parallel ranks
-        hold identical weights (0 disables).
-    master_weights: where the per-step update accumulates (`--hd-pissa-master-weights`):
+        hold identical weights (0 disables; default CONSISTENCY_CHECK_INTERVAL).
+    master_weights: where the per-step update accumulates:
         "fp32-base" (the weights themselves are fp32), "sharded-fp32" (DP rank k keeps an fp32
         master of its 1/K row block of each targeted weight, updates it, then the low-precision
         blocks are all-gathered: ZeRO-1 memory, no lost updates), "compensated-bf16" (Kahan
@@ -45,59 +51,24 @@ class HDPiSSAConfig:
     bucket_size: elements per communication bucket (deltas and parameter all-gathers).
     """
 
-    rank: int = 16
-    alpha: Optional[float] = None
-    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
-    fused_decomposition: bool = False
-    svd_method: str = "exact"
-    svd_oversampling: Optional[int] = None
-    svd_niter: int = 4
     virtual_ranks: int = 1
     update_factors: bool = False
-    trainable_modules: Sequence[str] = field(default_factory=tuple)
-    consistency_check_interval: int = 0
-    seed: int = 1234
+    consistency_check_interval: int = CONSISTENCY_CHECK_INTERVAL
     master_weights: str = "auto"
     aggregation: str = "auto"
-    bucket_size: int = 1 << 24
+    bucket_size: int = BUCKET_SIZE
 
     def __post_init__(self):
-        if isinstance(self.target_modules, str):
-            self.target_modules = tuple(t for t in self.target_modules.split(",") if t)
-        if isinstance(self.trainable_modules, str):
-            self.trainable_modules = tuple(t for t in self.trainable_modules.split(",") if t)
-        self.target_modules = tuple(self.target_modules)
-        self.trainable_modules = tuple(self.trainable_modules)
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"--hd-pissa-rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and not float(self.alpha) > 0:
-            raise ValueError(
-                f"--hd-pissa-alpha must be > 0 (the scale is alpha / rank), got {self.alpha!r}"
-            )
-        if self.svd_method not in SVD_METHODS:
-            raise ValueError(f"--hd-pissa-svd must be one of {SVD_METHODS}, got {self.svd_method!r}")
+        super().__post_init__()
         if self.virtual_ranks < 1:
-            raise ValueError(f"--hd-pissa-virtual-ranks must be >= 1, got {self.virtual_ranks}")
+            raise ConfigError("virtual_ranks", f"{{name}} must be >= 1, got {self.virtual_ranks}")
         if self.master_weights not in MASTER_WEIGHTS:
-            raise ValueError(f"--hd-pissa-master-weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
+            raise ConfigError("master_weights",
+                              f"{{name}} must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
         if self.aggregation not in AGGREGATION:
-            raise ValueError(f"--hd-pissa-aggregation must be one of {AGGREGATION}, got {self.aggregation!r}")
-        if not self.target_modules:
-            raise ValueError("--hd-pissa-target-modules is empty")
-        if (self.svd_oversampling is not None and self.svd_oversampling < 0) or self.svd_niter < 0:
-            raise ValueError("--hd-pissa-svd-oversampling and --hd-pissa-svd-niter must be >= 0")
-
-    @property
-    def scale(self) -> float:
-        alpha = float(self.rank if self.alpha is None else self.alpha)
-        return alpha / float(self.rank)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        d["trainable_modules"] = list(self.trainable_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HDPiSSAConfig":
-        return cls(**d)
+            raise ConfigError("aggregation", f"{{name}} must be one of {AGGREGATION}, got {self.aggregation!r}")
+        if self.consistency_check_interval < 0:
+            raise ConfigError("consistency_check_interval",
+                              f"{{name}} must be >= 0 (0 disables), got {self.consistency_check_interval}")
+        if self.bucket_size < 1:
+            raise ConfigError("bucket_size", f"{{name}} must be >= 1, got {self.bucket_size}")

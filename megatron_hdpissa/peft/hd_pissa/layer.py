@@ -1,16 +1,14 @@
 """The HD-PiSSA adapter: the base layer's forward unchanged, factor gradients from thin products."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_hdpissa.peft.common import COLUMN
 from megatron_hdpissa.peft.layout import Part
 
-COLUMN = "column"
-ROW = "row"
+CHILD = "hd_pissa"  # the adapter's name under its base layer (state-dict prefix `<layer>.hd_pissa.`)
 
 
 def _tp_all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -138,17 +136,9 @@ class HDPiSSAAdapter(nn.Module):
         sequence_parallel: bool = False,
     ):
         super().__init__()
-        self.layer_name = layer_name
-        self.kind = kind
-        self.parts = parts
-        self.rank = rank
-        self.scale = scale
-        self.local_slices = local_slices
-        self.num_slices = num_slices
-        self.first_slice = first_slice
-        self.tp_group = tp_group
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
+        self.layer_name, self.kind, self.parts, self.rank, self.scale = layer_name, kind, parts, rank, scale
+        self.local_slices, self.num_slices, self.first_slice = local_slices, num_slices, first_slice
+        self.tp_group, self.tp_rank, self.tp_size = tp_group, tp_rank, tp_size
         self.gather_output = gather_output
         if sequence_parallel and gather_output:
             raise ValueError(f"{layer_name}: gather_output with sequence parallelism is not a "
@@ -173,7 +163,9 @@ class HDPiSSAAdapter(nn.Module):
             out += [self.a[p.name][self.active_slice], self.b[p.name][self.active_slice]]
         return out
 
-    def apply_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_to_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` itself (HD-PiSSA's forward is the base layer's); its backward computes the
+        active slice's factor gradients from `x` and dY."""
         if not torch.is_grad_enabled():
             return out
         return _FactorGrad.apply(out, x, self, *self.active_factors())
@@ -183,30 +175,3 @@ class HDPiSSAAdapter(nn.Module):
         return (f"layer={self.layer_name}, kind={self.kind}, parts=[{parts}], r={self.rank}, "
                 f"s={self.scale:g}, slices={self.first_slice}..{self.first_slice + self.local_slices - 1}"
                 f" of {self.num_slices}")
-
-
-def _forward_hook(module, args, kwargs, output):
-    adapter: HDPiSSAAdapter = module.hd_pissa
-    x = args[0] if args else kwargs.get("input_", kwargs.get("input"))
-    if isinstance(output, tuple):
-        out, bias = output
-        return adapter.apply_to_output(out, x), bias
-    return adapter.apply_to_output(output, x)
-
-
-def attach(module: nn.Module, adapter: HDPiSSAAdapter) -> None:
-    """Register the adapter on the base layer without changing its class or state-dict keys."""
-    if hasattr(module, "hd_pissa"):
-        raise ValueError(f"{adapter.layer_name}: already has an HD-PiSSA adapter")
-    module.add_module("hd_pissa", adapter)
-    module._hd_pissa_hook = module.register_forward_hook(_forward_hook, with_kwargs=True)
-
-
-def detach(module: nn.Module) -> Optional[HDPiSSAAdapter]:
-    adapter = getattr(module, "hd_pissa", None)
-    if adapter is None:
-        return None
-    module._hd_pissa_hook.remove()
-    del module._hd_pissa_hook
-    del module._modules["hd_pissa"]
-    return adapter

@@ -1,0 +1,1 @@
+"""What the benchmark scripts share: model, published formulation, timers, machine record, markdown."""

@@ -1,0 +1,66 @@
+"""AdamW for the LoRA, PiSSA and full fine-tuning baselines: DP-averaged gradients, then one AdamW."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_hdpissa.distributed.collectives import average_over_dp_
+from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.optimizer.adamw import param_groups_by_decay
+from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, unscale_and_clip_
+from megatron_hdpissa.optimizer.phases import PhaseHook, phase
+
+TORCH_ADAMW_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's default, kept for callers that pass none
+
+
+class DataParallelAdamW(torch.optim.AdamW):
+    """torch AdamW after averaging gradients over the data-parallel group (one flat all-reduce)
+    and, with `clip_grad` > 0, clipping their global L2 norm (TP shards summed over TP, tensors
+    replicated over TP counted once): the optimizer for LoRA, PiSSA and full fine-tuning
+    baselines in the same trainer.
+
+    The rules are HDPiSSAOptimizer's: weight decay on >= 2-D parameters only (`adamw.decays`; the
+    parameters are split into a decaying and a non-decaying group), and a non-finite global norm
+    skips the step on every rank (`clip_grads.unscale_and_clip_`; `last_step_skipped`,
+    `skipped_steps`). The norm is taken when clipping or with `track_grad_norm`.
+
+    `phase_hook(name)`, when set, wraps the phases "aggregate" (the gradient average), "clip"
+    and "adam", each also a profiler range `hd_pissa.optimizer.<name>` (`phases`)."""
+
+    def __init__(self, params, groups: Optional[ParallelGroups] = None, clip_grad: float = 0.0, **kwargs):
+        if clip_grad is None or clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0 disables clipping), got {clip_grad}")
+        weight_decay = kwargs.pop("weight_decay", TORCH_ADAMW_WEIGHT_DECAY)
+        super().__init__(param_groups_by_decay(params, weight_decay), weight_decay=weight_decay, **kwargs)
+        self.groups = groups or ParallelGroups.from_megatron()
+        self.clip_grad = float(clip_grad)
+        self.last_step_bytes = 0
+        self.last_grad_norm: Optional[float] = None
+        self.track_grad_norm = False  # compute last_grad_norm even without clipping
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        self.phase_hook: Optional[PhaseHook] = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        with phase("aggregate", self.phase_hook):
+            self.last_step_bytes = average_over_dp_(grads, self.groups)
+        with phase("clip", self.phase_hook):  # on every rank: the norm's all-reduce spans the pipeline stages
+            norm, skip = unscale_and_clip_(grads, [], grads_for_norm(params, grads), self.groups, self.clip_grad,
+                                           track_norm=self.track_grad_norm)
+        if norm is not None:
+            self.last_grad_norm = norm
+        self.last_step_skipped = skip
+        if skip:
+            self.skipped_steps += 1
+            return loss
+        with phase("adam", self.phase_hook):
+            super().step()
+        return loss

@@ -1,0 +1,37 @@
+"""Random Hugging Face model folders for conversion and trainer tests (torch and transformers are
+imported on first use: conftest.py loads this module for every test, the source-only ones too)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def save_random_hf_model(config, path, seed: int):
+    """Random HF model with non-trivial norms and biases (HF initialises those to 1 and 0, which
+    would hide a swapped or dropped tensor in a conversion)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return path
+
+
+def tiny_llama_with_smollm2_tokenizer(path, smollm2_hf_dir, seed: int, **config):
+    """A random LLaMA HF folder of SmolLM2's vocabulary (49152) with SmolLM2's tokenizer files, so
+    the trainer runs it on real text. `config`: LlamaConfig fields (hidden_size, heads, ...)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=256, architectures=["LlamaForCausalLM"], **config)
+    hf = save_random_hf_model(config, path, seed=seed)
+    for f in Path(smollm2_hf_dir).iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy2(f, Path(hf) / f.name)
+    return Path(hf)

@@ -1,0 +1,26 @@
+"""Run the trainer's `main` in-process (inside a spawned rank) and collect its error messages."""
+from __future__ import annotations
+
+import torch
+
+
+def finetune_main(argv):
+    """`megatron_hdpissa.training.finetune.main(argv)` on one intra-op thread (ranks share the cores)."""
+    from megatron_hdpissa.training import finetune
+
+    torch.set_num_threads(1)
+    return finetune.main(argv)
+
+
+def expect_error(argv) -> str:
+    """The trainer's failure on `argv` as "ExceptionType: message", or "no error"."""
+    try:
+        finetune_main(argv)
+    except Exception as e:  # noqa: BLE001 - the message is what is tested
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def expect_errors(cases) -> list[str]:
+    """`expect_error` of each argv in `cases`, in one process."""
+    return [expect_error(argv) for argv in cases]

@@ -1,0 +1,1 @@
+"""Command-line tools (conversion, effective rank, plots, result comparison) and their shared figures."""
