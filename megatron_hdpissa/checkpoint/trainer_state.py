@@ -1,6 +1,6 @@
 """What a training checkpoint saves and restores (`TrainerState`, `Restored`), the run's meta and RNG, in either format.
 
-Both formats (`training_state.py`: legacy per-rank files; `training_state_dist.py`: torch_dist)
+Both formats (`trainer_legacy.py`: legacy per-rank files; `trainer_dist.py`: torch_dist)
 offer `save(state, save_dir)`, `check_compatible(saved_meta, expected_meta, load_dir)` and
 `load(state, load_dir) -> Restored`. The trainer builds a `TrainerState` from its own objects; the
 checkpoint layer never sees the trainer.

@@ -10,14 +10,14 @@ from megatron_hdpissa.checkpoint.dist import is_dist_checkpoint_dir
 from megatron_hdpissa.checkpoint.legacy import CheckpointInfo
 from megatron_hdpissa.checkpoint.safe_load import read_dcp_metadata, read_global_tensors
 from megatron_hdpissa.checkpoint.trainer_state import is_training_checkpoint, read_meta
-from megatron_hdpissa.checkpoint.training_state import rank_file
+from megatron_hdpissa.checkpoint.trainer_legacy import rank_file
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.models.config import ModelConfig
 from megatron_hdpissa.models.pipeline_stages import merge_pipeline_stages
 from megatron_hdpissa.peft import layout
 from megatron_hdpissa.peft.common import LORA, PISSA, add_part_delta_, lowrank_scale, part_named
 
-DIST_PREFIX = "lora."  # the torch_dist key prefix of LoRA / PiSSA factors (training_state_dist.py)
+DIST_PREFIX = "lora."  # the torch_dist key prefix of LoRA / PiSSA factors (checkpoint/trainer_dist.py)
 
 
 def adapter_state(path: Path, iteration, config: ModelConfig, tp_rank: int, tp_size: int,
@@ -40,7 +40,7 @@ def adapter_state(path: Path, iteration, config: ModelConfig, tp_rank: int, tp_s
             raise FileNotFoundError(f"{file} is missing: cannot merge the adapter factors of TP rank "
                                     f"{tp_rank}" + (f", pipeline stage {p}" if pp_size > 1 else ""))
         if file in files:
-            raise ValueError(f"{file}: training_state.rank_file names one adapter file for all "
+            raise ValueError(f"{file}: trainer_legacy.rank_file names one adapter file for all "
                              f"{pp_size} pipeline stages")
         stages.append(torch.load(file, map_location="cpu", weights_only=True)["adapter"])
         files.append(file)

@@ -61,3 +61,14 @@ def unscale_and_clip_(grads: list[torch.Tensor], per_rank_grads, dp_grads, group
         return norm, True
     clip_(grads, norm, clip_grad)
     return norm, False
+
+
+def record_step(optimizer, norm: Optional[float], skip: bool) -> bool:
+    """Keep an optimizer's public record of its last step (`last_grad_norm`, `last_step_skipped`,
+    `skipped_steps`) the same way for every method; returns `skip`."""
+    if norm is not None:
+        optimizer.last_grad_norm = norm
+    optimizer.last_step_skipped = skip
+    if skip:
+        optimizer.skipped_steps += 1
+    return skip

@@ -8,7 +8,7 @@ import torch
 from megatron_hdpissa.distributed.collectives import average_over_dp_
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.optimizer.adamw import param_groups_by_decay
-from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, unscale_and_clip_
+from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, record_step, unscale_and_clip_
 from megatron_hdpissa.optimizer.phases import PhaseHook, phase
 
 TORCH_ADAMW_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's default, kept for callers that pass none
@@ -55,11 +55,7 @@ class DataParallelAdamW(torch.optim.AdamW):
         with phase("clip", self.phase_hook):  # on every rank: the norm's all-reduce spans the pipeline stages
             norm, skip = unscale_and_clip_(grads, [], grads_for_norm(params, grads), self.groups, self.clip_grad,
                                            track_norm=self.track_grad_norm)
-        if norm is not None:
-            self.last_grad_norm = norm
-        self.last_step_skipped = skip
-        if skip:
-            self.skipped_steps += 1
+        if record_step(self, norm, skip):
             return loss
         with phase("adam", self.phase_hook):
             super().step()

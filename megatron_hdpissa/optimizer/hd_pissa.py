@@ -15,7 +15,7 @@ from megatron_hdpissa.optimizer.adamw import adamw_deltas, init_state
 from megatron_hdpissa.optimizer.aggregation import (
     DeltaAggregator, build_entries, check_consistency, choose_paths, gather_factors,
 )
-from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, unscale_and_clip_
+from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, record_step, unscale_and_clip_
 from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scale_loss, scaler_state
 from megatron_hdpissa.optimizer.master_weights import MasterWeights, resolve_mode, unique_weights
 from megatron_hdpissa.optimizer.phases import PhaseHook, phase
@@ -207,11 +207,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 [x for _, _, x in factor_grads] + [x for _, x in other_pairs], [(sh, x) for _, sh, x in factor_grads],
                 grads_for_norm([p for p, _ in other_pairs], [x for _, x in other_pairs]),
                 self.groups, self.clip_grad, self.grad_scaler, self.track_grad_norm)
-        if norm is not None:
-            self.last_grad_norm = norm
-        self.last_step_skipped = skip
-        if skip:
-            self.skipped_steps += 1
+        if record_step(self, norm, skip):
             return loss
         with phase("adam", self.phase_hook):
             items = []

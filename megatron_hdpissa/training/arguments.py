@@ -32,6 +32,9 @@ HD_PISSA_FLAGS = {
     "virtual_ranks": "--hd-pissa-virtual-ranks", "master_weights": "--hd-pissa-master-weights",
     "aggregation": "--hd-pissa-aggregation", "bucket_size": "--hd-pissa-bucket-size",
     "consistency_check_interval": "--hd-pissa-check-interval", "seed": "--seed",
+    # the optimizers' parameters
+    "lr": "--lr", "weight_decay": "--weight-decay", "clip_grad": "--clip-grad",
+    "others_optimizer": "--hd-pissa-others-optimizer",
 }
 # The baselines share the decomposition and trainable-module flags, and have their own rank,
 # alpha and targets.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_hdpissa.checkpoint import training_state, training_state_dist
+from megatron_hdpissa.checkpoint import trainer_dist, trainer_legacy
 from megatron_hdpissa.checkpoint.dist import TORCH, TORCH_DIST
 from megatron_hdpissa.checkpoint.trainer_state import TrainerState, is_training_checkpoint, read_meta
 from megatron_hdpissa.convert.export import export_merged_hf
@@ -34,7 +34,7 @@ from megatron_hdpissa.training.lr_schedule import lr_at
 from megatron_hdpissa.training.monitoring import Logger, StopSignal
 from megatron_hdpissa.training.step import configure_schedule, evaluate_batches, forward_backward
 
-CHECKPOINT_FORMATS = {TORCH: training_state, TORCH_DIST: training_state_dist}  # --ckpt-format -> its module
+CHECKPOINT_FORMATS = {TORCH: trainer_legacy, TORCH_DIST: trainer_dist}  # --ckpt-format -> its module
 
 
 def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -136,8 +136,9 @@ class FinetuneRecipe:
 
                 self.train_model = self.ddp = wrap_ddp(model, overlap_grad_reduce=args.overlap_grad_reduce)
             others = args.hd_pissa_others_optimizer if args.hd_pissa_ddp == "megatron" else "builtin"
-            self.optimizer = HDPiSSAOptimizer(self.train_model, groups=g, clip_grad=args.clip_grad,
-                                              grad_scaler=grad_scaler(args), others_optimizer=others, **adam)
+            with flag_errors(args.peft):
+                self.optimizer = HDPiSSAOptimizer(self.train_model, groups=g, clip_grad=args.clip_grad,
+                                                  grad_scaler=grad_scaler(args), others_optimizer=others, **adam)
         else:
             if args.peft in LOWRANK_METHODS:
                 with flag_errors(args.peft):
@@ -145,8 +146,9 @@ class FinetuneRecipe:
             else:
                 for p in model.parameters():
                     p.requires_grad_(True)
-            self.optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=g,
-                                               clip_grad=args.clip_grad, **adam)
+            with flag_errors(args.peft):
+                self.optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=g,
+                                                   clip_grad=args.clip_grad, **adam)
         configure_schedule(self.train_model, g, self.ddp, variable_seq_lengths=not args.pad_to_max_length,
                            grad_scale_func=self.optimizer.scale_loss if args.peft == HD_PISSA else None)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -179,7 +179,7 @@ def test_lora_training_checkpoint_saved_in_stages_is_merged(tiny, tiny_pp):
     """The same factors as the TP=2 fake LoRA checkpoint, laid out as the trainer saves them at
     TP=2 x PP=2: model files per (TP, stage), adapter files per (TP, stage) named by
     checkpointing.rank_file, layers numbered per stage (layer i -> stage i, local layer 0)."""
-    from megatron_hdpissa.checkpoint.training_state import rank_file
+    from megatron_hdpissa.checkpoint.trainer_legacy import rank_file
     from megatron_hdpissa.distributed.groups import ParallelGroups
 
     def groups(t, p):

@@ -222,7 +222,7 @@ def test_bad_input_errors(material, tmp_path, tiny_llama_hf_dir):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from megatron_hdpissa.checkpoint import training_state as checkpointing
+    from megatron_hdpissa.checkpoint import trainer_legacy as checkpointing
     from megatron_hdpissa.checkpoint.atomic import read_tracker
     from megatron_hdpissa.distributed.groups import ParallelGroups
 

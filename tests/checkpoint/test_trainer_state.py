@@ -1,4 +1,4 @@
-"""checkpoint/trainer_state.py and the legacy format (checkpoint/training_state.py) through `TrainerState`:
+"""checkpoint/trainer_state.py and the legacy format (checkpoint/trainer_legacy.py) through `TrainerState`:
 a save / load round trip restores adapters, AdamW moments, data positions, RNG and the iteration
 into a fresh state (base weights excluded from the rank file), the method comes from the model's
 recorded PEFT method, a reseed is `seed + 100003 x iteration + rank`, and resume errors name the
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from megatron_hdpissa.checkpoint import training_state, training_state_dist
+from megatron_hdpissa.checkpoint import trainer_dist, trainer_legacy
 from megatron_hdpissa.checkpoint.trainer_state import (RESEED_ITERATION_STRIDE, TrainerState, is_training_checkpoint,
                                                        read_meta, reseed)
 from megatron_hdpissa.distributed.groups import ParallelGroups
@@ -53,13 +53,13 @@ def test_legacy_round_trip_restores_the_state(tmp_path):
     saved = _state(seed=1)
     _step(saved)
     saved.iteration, saved.data[0].position, saved.data[1].position = 7, 11, 13
-    training_state.save(saved, tmp_path)
+    trainer_legacy.save(saved, tmp_path)
     after_save = (torch.rand(3), random.random())  # what the RNG gives next after the save
     assert is_training_checkpoint(tmp_path) and read_meta(tmp_path) == {"peft": "lora"}
 
     fresh = _state(seed=2)
     assert not torch.equal(fresh.model[0].lora.weight, saved.model[0].lora.weight)
-    restored = training_state.load(fresh, tmp_path)
+    restored = trainer_legacy.load(fresh, tmp_path)
     assert restored.iteration == 7 and [d.position for d in fresh.data] == [11, 13]
     assert torch.equal(fresh.model[0].lora.weight, saved.model[0].lora.weight)
     # base weights come from the model files, not the rank file: the fresh base stays
@@ -89,7 +89,7 @@ def test_reseed_is_seed_plus_stride_times_iteration_plus_rank():
 
 
 def test_resume_errors_name_the_methods_rank_flag(tmp_path):
-    for module in (training_state, training_state_dist):
+    for module in (trainer_legacy, trainer_dist):
         for peft, flag in (("lora", "--lora-rank"), ("hd-pissa", "--hd-pissa-rank")):
             meta = {"peft": peft, "rank": 4, "dp_size": 1, "tp_size": 1, "virtual_ranks": 1}
             with pytest.raises(ValueError, match=f"saved with {flag} =? ?4, this run has 8"):

@@ -1,7 +1,7 @@
 """The trainer's state as a legacy `--ckpt-format torch` checkpoint: Megatron's per-TP model files plus each rank's state.
 
 Resuming reproduces the uninterrupted run exactly on CPU, at the same layout (`--ckpt-format
-torch_dist`, the default, resumes at any TP / PP: `training_state_dist.py`).
+torch_dist`, the default, resumes at any TP / PP: `trainer_dist.py`).
 
     SAVE/latest_checkpointed_iteration.txt         written last: marks the newest complete one
     SAVE/model_config.json, SAVE/tokenizer/        copied from the base checkpoint
