@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the offline H200 box (Python 3.12, torch CUDA, no megatron-core, no
-# internet). See benchmarks/GPU.md. From the repository root, with OUT set to the results folder:
+# One prepared GPU check for the offline GPU box (one H100 by default; Python 3.12, torch 2.11 CUDA,
+# no megatron-core, no internet). See benchmarks/GPU.md. From the repository root, OUT set:
 #
-#   bash benchmarks/gpu_check.sh                                   # on the GPU box (.whl carried)
-#   DEVICE_DRY_RUN=1 OUT=/tmp/gpuout PYTHON=/tmp/venv312/bin/python bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh                        # on the GPU box (.whl and .gpu carried)
+#   DEVICE_DRY_RUN=1 OUT=/tmp/gpuout PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU
 #
 # Stages, each under its own `timeout` and all inside GPU_CHECK_BUDGET seconds (default 480);
-# a failed stage does not stop the next one:
+# a failed stage does not stop the next one. The real thing first:
+#   trainer    benchmarks/gpu_trainer_check.py under torchrun --nproc-per-node 1 (NCCL; gloo in the
+#              dry run): a random LLaMA-config model built and converted on the box, bf16 with
+#              sharded-fp32 masters, HD-PiSSA with 4 virtual ranks and LoRA, a torch_dist save, a
+#              resume compared with the uninterrupted run; tokens/s, peak memory
+#   megatron-lm  examples/megatron_lm/pretrain_gpt_hdpissa.py: Megatron-LM's own loop on
+#              --mock-data, small GPT, bf16 (skipped where megatron.training does not import)
 #   tests      pytest -x on tests/device/test_cuda.py and any test named or marked for cuda/gpu/nccl:
 #              NCCL, megatron-core DDP and its mixed-precision optimizer on the GPU
 #   step       bench_step.py at LLaMA-7B layer shapes, bf16, one layer, 8192 tokens per step
@@ -14,12 +20,15 @@
 #   dist       bench_dist.py --nproc 1 (skipped if the file does not exist)
 #   tests-cpu  if time is left: test_equivalence, test_master_weights, test_ddp with CUDA hidden
 #              (multi-rank gloo runs) against the carried megatron-core
-# Writes at most 7 files to $OUT: env.txt, tests.log, step.log, decompose.log, dist.log,
-# results.json (every benchmark's JSON and the stage table) and RESULTS_gpu.md.
+# Writes at most 8 files to $OUT: env.txt, trainer.log (both trainer stages), tests.log, step.log,
+# decompose.log, dist.log, results.json (every stage's JSON and the stage table) and RESULTS_gpu.md.
 #
 # Environment: OUT (required), PYTHON (python3), DEVICE_DRY_RUN=1 (CPU and tiny shapes),
 # GPU_CHECK_BUDGET (seconds for the stages: 480, dry run 300), STAGES (order/subset, default
-# "tests step decompose dist"), GPU_CHECK_SITE (wheel install target, /tmp/site),
+# "trainer megatron-lm tests step decompose dist tests-cpu"), GPU_CHECK_MATERIAL (tokenizer + JSONL
+# folder, default .gpu: `python benchmarks/gpu_trainer_check.py --prepare .gpu` here; the dry run
+# prepares it itself), GPU_CHECK_TRAINER_METHODS (hd-pissa,lora), GPU_CHECK_MLM_ARGS (replaces the
+# megatron-lm stage's model/data flags), GPU_CHECK_SITE (wheel install target, /tmp/site),
 # GPU_CHECK_PYTEST_K (a pytest -k filter), GPU_CHECK_STEP_METHODS / GPU_CHECK_DIST_METHODS
 # (--methods for bench_step / bench_dist; default: their full lists on the GPU).
 set -u
@@ -35,13 +44,14 @@ mkdir -p "$OUT" || exit 2
 DRY=${DEVICE_DRY_RUN:-0}
 PY=${PYTHON:-python3}
 if [ "$DRY" = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-300}; else BUDGET=${GPU_CHECK_BUDGET:-480}; fi
-STAGES=${STAGES:-tests step decompose dist tests-cpu}
+STAGES=${STAGES:-trainer megatron-lm tests step decompose dist tests-cpu}
+MATERIAL=${GPU_CHECK_MATERIAL:-$ROOT/.gpu}
 if [ "$DRY" = 1 ]; then SITE=${GPU_CHECK_SITE:-/tmp/site-dry}; else SITE=${GPU_CHECK_SITE:-/tmp/site}; fi
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONDONTWRITEBYTECODE=1
 START=$SECONDS
 ENV_TXT=$OUT/env.txt
-for f in env.txt tests.log step.log decompose.log dist.log results.json RESULTS_gpu.md; do
+for f in env.txt trainer.log tests.log step.log decompose.log dist.log results.json RESULTS_gpu.md; do
     : > "$OUT/$f"
 done
 : > "$WORK/stages.tsv"
@@ -178,7 +188,9 @@ if [ "$DRY" = 1 ]; then
     DEC_ARGS=(--shapes 256x256,512x256 --spectra gaussian,powerlaw --K 4 --rank 8 --reps 1 --threads 1)
     DIST_ARGS=(--dtype fp32 --nproc 1 --hidden 128 --ffn 352 --heads 4 --groups 2 --layers 1 --seq 64
                --grad-accum 2 --rank 4 --iters 1 --threads 1)
-    CAP_TESTS=90 CAP_STEP=90 CAP_DEC=60 CAP_DIST=90
+    CAP_TESTS=90 CAP_STEP=90 CAP_DEC=60 CAP_DIST=90 CAP_TRAINER=150 CAP_MLM=90
+    TRAINER_ARGS=(--dry-run)
+    MLM_BACKEND=(--distributed-backend gloo)
 else
     DEV=(--device cuda)
     # an explicit device index (bench_step sets the CUDA device from it)
@@ -191,8 +203,36 @@ else
                --threads 8)
     STEP_METHODS=${GPU_CHECK_STEP_METHODS:-}  # empty: each benchmark's default list
     DIST_METHODS=${GPU_CHECK_DIST_METHODS:-}
-    CAP_TESTS=100 CAP_STEP=180 CAP_DEC=120 CAP_DIST=160
+    CAP_TESTS=80 CAP_STEP=120 CAP_DEC=60 CAP_DIST=100 CAP_TRAINER=150 CAP_MLM=90
+    TRAINER_ARGS=()
+    MLM_BACKEND=()
 fi
+# Megatron-LM's loop: a small GPT on mock data, bf16, a few iterations (GPU_CHECK_MLM_ARGS replaces these)
+read -r -a MLM_ARGS <<<"${GPU_CHECK_MLM_ARGS:---transformer-impl local --bf16 --num-layers 2 --hidden-size 256 \
+--num-attention-heads 4 --ffn-hidden-size 1024 --seq-length 128 --max-position-embeddings 128 --micro-batch-size 2 \
+--global-batch-size 8 --train-iters 6 --lr 1e-3 --weight-decay 0 --log-interval 1 --eval-iters 0 --mock-data \
+--tokenizer-type NullTokenizer --vocab-size 4096 --hd-pissa-rank 8}"
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1)
+
+stage_trainer() {  # the trainer end to end: HD-PiSSA (K = 4 virtual ranks) and LoRA, save + resume
+    run_stage trainer "$CAP_TRAINER" trainer.log "${TORCHRUN[@]}" benchmarks/gpu_trainer_check.py \
+        --material "$MATERIAL" --work "$WORK/trainer" --methods "${GPU_CHECK_TRAINER_METHODS:-hd-pissa,lora}" \
+        "${TRAINER_ARGS[@]}" --json-out "$WORK/trainer.json" --markdown-out "$WORK/trainer.md"
+}
+
+stage_megatron_lm() {  # Megatron-LM's own training loop with the plug-in (helper script of issue 19)
+    local script=examples/megatron_lm/pretrain_gpt_hdpissa.py why=""
+    if [ ! -f "$script" ]; then why="$script does not exist"
+    elif ! "$PY" -c "import megatron.training" >/dev/null 2>&1; then
+        why="megatron.training does not import here (it ships in megatron-core >= 0.17 wheels)"
+    fi
+    if [ -n "$why" ]; then
+        echo "=== megatron-lm: skipped: $why" | tee -a "$OUT/trainer.log"
+        printf 'megatron-lm\tskipped (%s)\t0\t-\n' "$why" >>"$WORK/stages.tsv"; return
+    fi
+    CUDA_DEVICE_MAX_CONNECTIONS=1 run_stage megatron-lm "$CAP_MLM" trainer.log "${TORCHRUN[@]}" "$script" \
+        "${MLM_ARGS[@]}" "${MLM_BACKEND[@]}"
+}
 
 stage_tests() {  # the GPU tests (tests/device/test_cuda.py and any test named/marked for cuda), CUDA visible
     if [ ${#CUDA_NODES[@]} -eq 0 ]; then
@@ -255,12 +295,14 @@ stage_dist() {
 
 for s in $STAGES; do
     case $s in
+        trainer) stage_trainer ;;
+        megatron-lm) stage_megatron_lm ;;
         tests) stage_tests ;;
         tests-cpu) stage_tests_cpu ;;
         step) stage_step ;;
         decompose) stage_decompose ;;
         dist) stage_dist ;;
-        *) note "unknown stage '$s' (tests step decompose dist tests-cpu)" ;;
+        *) note "unknown stage '$s' (trainer megatron-lm tests step decompose dist tests-cpu)" ;;
     esac
 done
 
@@ -298,6 +340,22 @@ summ = test_summary("tests.log")
 if summ:
     md += ["", "Tests: " + "; ".join(s.strip("= ") for s in summ)]
 combined = {"dry_run": dry, "elapsed_s": elapsed, "stages": stages, "tests": summ}
+mlm = [l.strip() for l in (read(os.path.join(out, "trainer.log")) or "").splitlines()
+       if re.search(r"iteration\s+\d+/\s*\d+ \|.*lm loss", l)]
+combined["megatron_lm_loss_lines"] = mlm
+for key, title in (("trainer", "gpu_trainer_check.py: the trainer end to end (save, resume), one device"),
+                   ("megatron_lm", "Megatron-LM's own loop (examples/megatron_lm), --mock-data")):
+    if key == "megatron_lm":
+        md += ["", f"## {title}", ""] + ([f"    {l}" for l in mlm] or ["(no `lm loss` lines: see trainer.log)"])
+        continue
+    text = read(os.path.join(work, f"{key}.md"))
+    md += ["", f"## {title}", "", text.strip() if text else f"(no output: see {key}.log)"]
+    raw = read(os.path.join(work, f"{key}.json"))
+    if raw:
+        try:
+            combined[key] = json.loads(raw)
+        except ValueError as exc:
+            combined[key] = {"error": f"unreadable JSON: {exc}"}
 for key, title in (("step", "bench_step.py: one optimizer step, LLaMA-7B layer shapes"),
                    ("decompose", "bench_decompose.py: randomized vs exact decomposition, LLaMA-7B shapes"),
                    ("dist", "bench_dist.py: real data parallelism (one process per rank)")):

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             iteration=args.iteration, force=args.force, progress=not args.no_progress,
             ckpt_format=args.ckpt_format,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing or unwritable folder, a full disk, bad input: one line
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.ckpt_format == "torch_dist":

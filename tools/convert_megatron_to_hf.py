@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
             tp_size=args.tensor_model_parallel_size, pp_size=args.pipeline_model_parallel_size,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing or unwritable folder, a full disk, bad input: one line
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

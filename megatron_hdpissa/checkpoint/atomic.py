@@ -22,6 +22,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch.distributed as dist
 
+from megatron_hdpissa.distributed import collectives
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE = "release"  # Megatron-LM's tracker value for a released checkpoint: its folder is DIR/release
 TOKENIZER_DIR = "tokenizer"
@@ -70,6 +72,24 @@ def write_tracker(ckpt_dir, iteration: int | str) -> None:
     fsync_dir(ckpt_dir)
 
 
+def prune_iterations(ckpt_dir, retain: int, keep=None) -> list[str]:
+    """Remove all but the newest `retain` finished `iter_XXXXXXX` folders of `ckpt_dir` (one
+    process; call it after a save). Never removes the tracked iteration, nor `keep` (the folder
+    a run resumed from). Returns the names removed, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if retain < 1:
+        raise ValueError(f"retain must be >= 1, got {retain}")
+    tracked = read_tracker(ckpt_dir)
+    protected = {iteration_dir_name(tracked)} if tracked is not None else set()
+    if keep is not None and Path(keep).absolute().parent == ckpt_dir.absolute():
+        protected.add(Path(keep).name)
+    names = sorted(p.name for p in ckpt_dir.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    removed = [n for n in names[:-retain] if n not in protected]
+    for name in removed:
+        shutil.rmtree(ckpt_dir / name)
+    return removed
+
+
 # ---- processes --------------------------------------------------------------------------------
 def world_rank() -> int:
     """This process's rank in the default process group (0 without one)."""
@@ -78,8 +98,7 @@ def world_rank() -> int:
 
 def barrier() -> None:
     """A barrier over the default process group (nothing without one)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 def fsync_dir(path: Path) -> None:
@@ -118,25 +137,56 @@ def atomic_iteration_dir(save_dir, iteration: int | str) -> Iterator[Path]:
     """Collective: every rank of the default group enters it. Yields `save_dir/iter_X.tmp/` (made
     empty by rank 0: a crashed save's remains are cleared) for every rank to write its files into;
     on leaving, rank 0 fsyncs them, renames the folder to `iter_X/` (an existing one is replaced)
-    and then writes the tracker. An exception inside leaves the folder unrenamed and the tracker
-    untouched. Code inside that runs on rank 0 only after all ranks wrote needs its own barrier."""
+    and then writes the tracker. Code inside that runs on rank 0 only after all ranks wrote needs
+    its own barrier. An error inside on any rank (collectives inside must fail on every rank
+    together, as torch.distributed.checkpoint's do) or while renaming: every rank raises
+    `CheckpointIOError` naming the folder and the OS cause, the `.tmp` folder is removed and
+    the tracker still names the previous checkpoint."""
     save_dir = Path(save_dir).absolute()
     final = save_dir / iteration_dir_name(iteration)
     tmp = save_dir / (final.name + TMP_SUFFIX)
+    failure = None
     if world_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    yield tmp
-    barrier()
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            failure = e
+    _raise_agreed(failure, tmp, final)
+    try:
+        yield tmp
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch.distributed.checkpoint raises BaseException
+        failure = e
+    _raise_agreed(failure, tmp, final)
     if world_rank() == 0:
-        _fsync_files(tmp)
-        _swap_into_place(tmp, final, save_dir / (final.name + OLD_SUFFIX))
-        fsync_dir(save_dir)
-        write_tracker(save_dir, iteration)  # last: marks the checkpoint complete
+        try:
+            _fsync_files(tmp)
+            _swap_into_place(tmp, final, save_dir / (final.name + OLD_SUFFIX))
+            fsync_dir(save_dir)
+            write_tracker(save_dir, iteration)  # last: marks the checkpoint complete
+        except OSError as e:
+            failure = e
+    _raise_agreed(failure, tmp, final)
+
+
+def _raise_agreed(failure: Optional[BaseException], tmp: Path, final: Path) -> None:
+    """Collective: when any rank failed, every rank raises one `CheckpointIOError` (the lowest
+    failing rank's cause) after rank 0 removed `tmp`; else a barrier."""
+    from megatron_hdpissa.checkpoint.verify import CheckpointIOError, agree, os_cause
+
+    message = agree(None if failure is None else
+                    f"cannot save checkpoint {final}: {os_cause(failure, tmp.parent)}; the partial {tmp.name} was "
+                    f"removed and {TRACKER_FILE} still names the previous checkpoint")
+    if message is None:
+        return
+    if world_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+    raise CheckpointIOError(message) from failure
 
 
 @contextlib.contextmanager

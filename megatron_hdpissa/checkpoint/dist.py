@@ -26,6 +26,7 @@ Loading never unpickles arbitrary objects: `common.pt` and sharded objects are r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -141,11 +142,53 @@ def save_dist_checkpoint(
     if layout is not None:
         state[COMMON_LAYOUT_KEY] = dict(layout)
     with atomic_iteration_dir(save_dir, iteration) as tmp:
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
+        deferred: list = []
+        with _rank0_writes_deferred(deferred):
+            dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
         # dist_checkpointing.save ends with a barrier after metadata.json: every rank's shards exist
-        if write_rank0_files is not None and world_rank() == 0:
-            write_rank0_files(tmp)
+        if write_rank0_files is not None and world_rank() == 0 and not deferred:
+            try:
+                write_rank0_files(tmp)
+            except OSError as e:
+                deferred.append(e)
+        if deferred:  # rank 0 only: atomic_iteration_dir makes every rank raise it
+            raise deferred[0]
     return Path(save_dir).absolute() / iteration_dir_name(iteration)
+
+
+@contextlib.contextmanager
+def _rank0_writes_deferred(deferred: list):
+    """megatron-core writes `common.pt` and `metadata.json` on rank 0 alone, between collectives:
+    raising there would leave the other ranks waiting in the next collective forever. Inside this
+    context those two writes record their OSError in `deferred` instead, for after the collectives
+    (torch.distributed.checkpoint's own shard writes fail on every rank together)."""
+    from megatron.core.dist_checkpointing import serialization
+
+    def deferring(fn):
+        def call(*args, **kwargs):
+            if deferred:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except (OSError, RuntimeError) as e:  # torch.save on a full disk: RuntimeError "unexpected pos"
+                deferred.append(e)
+                return None
+        return call
+
+    default_common = serialization.get_default_save_common_strategy
+
+    def common_strategy(*args, **kwargs):
+        strategy = default_common(*args, **kwargs)
+        strategy.save_common = deferring(strategy.save_common)
+        return strategy
+
+    old = serialization.get_default_save_common_strategy, serialization.save_config
+    serialization.get_default_save_common_strategy = common_strategy
+    serialization.save_config = deferring(serialization.save_config)
+    try:
+        yield
+    finally:
+        serialization.get_default_save_common_strategy, serialization.save_config = old
 
 
 def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "assume_ok_unexpected") -> dict:
@@ -154,12 +197,34 @@ def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "a
     in place of the ShardedTensors, plus the common state (`common.pt`). Collective."""
     from megatron.core import dist_checkpointing
 
+    from megatron_hdpissa.checkpoint.safe_load import dcp_read_failure, dcp_where
+    from megatron_hdpissa.checkpoint.verify import (CheckpointReadError, agree, flat_tensors, nonfinite_key,
+                                                    nonfinite_message)
+
     iter_dir = Path(iter_dir)
     if not is_dist_checkpoint_dir(iter_dir):
         raise FileNotFoundError(f"{iter_dir} is not a torch_dist checkpoint ({DIST_METADATA_FILE} is missing)")
-    return dist_checkpointing.load(sharded_state_dict, str(iter_dir),
-                                   sharded_strategy=safe_sharded_strategy(),
-                                   common_strategy=safe_common_strategy(), strict=strict)
+    global_keys = {path: getattr(v, "key", None) for path, v in flat_tensors(sharded_state_dict)}
+    try:
+        loaded = dist_checkpointing.load(sharded_state_dict, str(iter_dir),
+                                         sharded_strategy=safe_sharded_strategy(),
+                                         common_strategy=safe_common_strategy(), strict=strict)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch.distributed.checkpoint raises BaseException
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise dcp_read_failure(iter_dir, e) from None
+    # every tensor read, checked on every rank; all ranks raise the same line (collective)
+    found = nonfinite_key(flat_tensors(loaded))
+    message = None
+    if found is not None:
+        key = global_keys.get(found[0]) or found[0]
+        message = nonfinite_message(dcp_where(iter_dir, key), key, found[1], found[2])
+    message = agree(message)
+    if message is not None:
+        raise CheckpointReadError(message)
+    return loaded
 
 
 # ---- per-slice state (the trainer's HD-PiSSA factors, moments, masters) --------------------------

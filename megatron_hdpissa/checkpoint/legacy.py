@@ -122,17 +122,24 @@ def _saved_layout(iter_dir: Path) -> dict:
     return dict(layout) if isinstance(layout, dict) else {}
 
 
-def _load_rank_file(path: Path) -> dict:
+def load_checked(path: Path) -> dict:
+    """A legacy file, every tensor read and checked finite (one line naming the file and key)."""
+    from megatron_hdpissa.checkpoint.verify import check_finite, read_failure
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        check_finite(state, path)
+    except FileNotFoundError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read megatron checkpoint shard {path}: {e}") from e
+        raise read_failure(path, e) from None
+    return state
 
 
 def stage_state_dict(info: CheckpointInfo, tp_rank: int, pp_rank: int) -> dict:
     """The model state dict of one legacy (TP rank, pipeline stage) file, checked against the folder."""
     path = info.rank_file(tp_rank, pp_rank)
-    state = _load_rank_file(path)
+    state = load_checked(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} has no 'model' state dict")
     saved_tp = state.get("tensor_model_parallel_size", info.tp_size)

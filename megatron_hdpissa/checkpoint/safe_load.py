@@ -61,6 +61,53 @@ def read_dcp_metadata(iter_dir):
             raise ValueError(f"{path}: {e}") from None
 
 
+def dcp_shard_files(iter_dir) -> dict[str, list[str]]:
+    """Tensor key -> the torch_dist shard files (`__R_F.distcp`) holding its chunks."""
+    out: dict[str, list[str]] = {}
+    for index, info in read_dcp_metadata(iter_dir).storage_data.items():
+        files = out.setdefault(index.fqn, [])
+        if info.relative_path not in files:
+            files.append(info.relative_path)
+    return out
+
+
+def dcp_truncated_files(iter_dir) -> list[str]:
+    """The shard files of a torch_dist folder shorter than its `.metadata` index says, as
+    "path (N of M bytes)"."""
+    need: dict[str, int] = {}
+    try:
+        for info in read_dcp_metadata(iter_dir).storage_data.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    except (OSError, ValueError):
+        return []
+    out = []
+    for name, size in sorted(need.items()):
+        path = Path(iter_dir) / name
+        have = path.stat().st_size if path.is_file() else 0
+        if have < size:
+            out.append(f"{path} ({have} of {size} bytes)")
+    return out
+
+
+def dcp_read_failure(iter_dir, exc: BaseException):
+    """`verify.read_failure` naming the truncated shard files when there are any, else the folder."""
+    from megatron_hdpissa.checkpoint.verify import CheckpointReadError, read_failure
+
+    truncated = dcp_truncated_files(iter_dir)
+    if truncated:
+        return CheckpointReadError(f"cannot read checkpoint file {', '.join(truncated)}: truncated")
+    return read_failure(iter_dir, exc)
+
+
+def dcp_where(iter_dir, key: str) -> str:
+    """`iter_dir/__R_F.distcp` holding `key` (the folder when unknown)."""
+    try:
+        files = dcp_shard_files(iter_dir).get(key) or []
+    except (OSError, ValueError):
+        files = []
+    return ", ".join(str(Path(iter_dir) / f) for f in files) or str(iter_dir)
+
+
 def _load_weights_only(path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -138,7 +185,15 @@ def read_global_tensors(iter_dir, keys=None) -> dict[str, torch.Tensor]:
     missing = set(keys or ()) - set(tensors)
     if missing:
         raise ValueError(f"{iter_dir}: tensors {sorted(missing)[:5]} are not in the checkpoint")
-    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    from megatron_hdpissa.checkpoint.verify import check_finite
+
+    try:
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch.distributed.checkpoint raises BaseException
+        raise dcp_read_failure(iter_dir, e) from None
+    check_finite(tensors, iter_dir, shard_of=lambda key: dcp_where(iter_dir, key))
     return tensors
 
 

@@ -212,7 +212,7 @@ def gather_master(m, groups) -> torch.Tensor:
     from megatron_hdpissa.distributed.collectives import all_gather_over_dp
 
     rows, n = m.weight.shape[0], m.weight[0].numel()
-    block = torch.zeros((m.block,) + tuple(m.weight.shape[1:]), dtype=torch.float32)
+    block = torch.zeros((m.block,) + tuple(m.weight.shape[1:]), dtype=torch.float32, device=m.data.device)
     block[:m.hi - m.lo] = m.data
     gathered, _ = all_gather_over_dp(block.flatten(), groups)
     return gathered.view(-1, n)[:rows].view(m.weight.shape).clone()
@@ -220,9 +220,9 @@ def gather_master(m, groups) -> torch.Tensor:
 
 # ---- the common part -------------------------------------------------------------------------------
 def _gather_objects(obj) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    from megatron_hdpissa.distributed.collectives import all_gather_object
+
+    return all_gather_object(obj)
 
 
 def common_state(state: TrainerState) -> dict:
@@ -254,8 +254,6 @@ def save(state: TrainerState, save_dir) -> Path:
     """Collective: the whole training state as one torch_dist checkpoint of iteration
     `state.iteration` (atomic; see `dist.save_dist_checkpoint`), with hd_pissa/meta.json in the
     iteration folder and the base's model_config.json and tokenizer/ next to it."""
-    if world_rank() == 0:
-        copy_base_files(save_dir, state.base_dir)
     if state.is_hd_pissa:
         state.optimizer.finish_param_gather()
     extra, model_ssd, _ = sharded_state(state)
@@ -263,7 +261,8 @@ def save(state: TrainerState, save_dir) -> Path:
     layout = {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, "world": dist.get_world_size()}
     return save_dist_checkpoint(save_dir, state.iteration, {MODEL_KEY: model_ssd, **extra},
                                 common_state=common_state(state), layout=layout,
-                                write_rank0_files=lambda tmp_iter_dir: write_meta(tmp_iter_dir, state.meta))
+                                write_rank0_files=lambda tmp_iter_dir: (write_meta(tmp_iter_dir, state.meta),
+                                                                        copy_base_files(save_dir, state.base_dir)))
 
 
 def check_compatible(saved: dict, expected: dict, load_dir) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from megatron_hdpissa.checkpoint.atomic import atomic_iteration_dir, iteration_dir_name, read_tracker, world_rank
-from megatron_hdpissa.checkpoint.legacy import CHECKPOINT_FILE, rank_dir_name, save_rank_file
+from megatron_hdpissa.checkpoint.legacy import CHECKPOINT_FILE, load_checked, rank_dir_name, save_rank_file
 from megatron_hdpissa.checkpoint.trainer_state import (STATE_DIR, Restored, TrainerState, copy_base_files,
                                                        is_adapter_key, rank_flag, rng_state, set_rng_state,
                                                        split_state_dict, write_meta)
@@ -89,7 +89,7 @@ def load_rank_state(load_dir, groups: ParallelGroups) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint does not cover DP rank "
                                 f"{groups.dp_rank}, TP rank {groups.tp_rank}, PP rank {groups.pp_rank}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checked(path)
 
 
 def load_adapter_params(model: nn.Module, adapter_state: dict, path_hint: str) -> None:

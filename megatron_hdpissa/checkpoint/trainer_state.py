@@ -74,10 +74,12 @@ def is_adapter_key(key: str) -> bool:
 
 
 def split_state_dict(model: nn.Module) -> tuple[dict, dict]:
-    """(base weights, adapter parameters) of this rank's model, detached copies."""
+    """(base weights, adapter parameters) of this rank's model, detached copies on the CPU (a GPU
+    copy would double the model's device memory while a checkpoint is written)."""
     base, adapter = {}, {}
     for k, v in model.state_dict().items():
-        (adapter if is_adapter_key(k) else base)[k] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+        (adapter if is_adapter_key(k) else base)[k] = (v.detach().to("cpu", copy=True)
+                                                       if isinstance(v, torch.Tensor) else v)
     return base, adapter
 
 

@@ -12,6 +12,7 @@ from megatron_hdpissa.checkpoint.atomic import TOKENIZER_DIR, barrier, write_tra
 from megatron_hdpissa.checkpoint.legacy import rank_checkpoint_path
 from megatron_hdpissa.checkpoint.trainer_state import split_state_dict
 from megatron_hdpissa.convert.hf_megatron import convert_megatron_to_hf
+from megatron_hdpissa.distributed.collectives import broadcast_object
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.models.config import MODEL_CONFIG_FILE
 from megatron_hdpissa.peft.common import LORA, PISSA
@@ -30,9 +31,7 @@ def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=parent)) if rank0 else None
     if dist.is_initialized():
-        box = [str(tmp) if tmp else None]
-        dist.broadcast_object_list(box, src=0)
-        tmp = Path(box[0])
+        tmp = Path(broadcast_object(str(tmp) if tmp else None, src=0))
     base, _ = split_state_dict(model)
     if groups.dp_rank == 0:  # every (TP, PP) position writes its shard of the Megatron layout
         path = rank_checkpoint_path(tmp, 0, groups.tp_rank, groups.pp_rank, groups.pp_size)

@@ -164,7 +164,7 @@ def convert_megatron_to_hf(
                 file = ("model.safetensors" if len(groups) == 1
                         else f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors")
                 tensors = {}
-                for name, tensor in hf_tensors_from_megatron(shards, config, group):
+                for name, tensor in _fitting_hf_tensors(shards, config, group, info.directory):
                     tensors[name] = tensor.to(out_dtype)
                     weight_map[name] = file
                     total += tensors[name].numel() * element
@@ -184,3 +184,23 @@ def convert_megatron_to_hf(
         if tokenizer_dir.is_dir():
             copy_non_weight_files(tokenizer_dir, tmp)
     return Path(save_dir)
+
+
+def _fitting_hf_tensors(shards, config: ModelConfig, names, directory):
+    """`hf_tensors_from_megatron`, refusing a model_config.json that does not describe the
+    checkpoint's tensors (a layer more or less, another width or head layout): each HF tensor
+    must have the shape the config implies."""
+    where = f"{Path(directory) / 'model_config.json'} ({config.model_type}, {config.num_layers} layers)"
+    layers = {int(k.split(".")[2]) for k in shards[0] if k.startswith("decoder.layers.")}
+    if layers != set(range(config.num_layers)):
+        raise ValueError(f"{where} does not match the checkpoint's tensors: they hold layers "
+                         f"{min(layers, default=None)}..{max(layers, default=None)} ({len(layers)} layers)")
+    try:
+        for name, tensor in hf_tensors_from_megatron(shards, config, names):
+            if tuple(tensor.shape) != hf_shape(config, name):
+                raise ValueError(f"{where} does not match the checkpoint's tensors: {name} comes out "
+                                 f"{tuple(tensor.shape)}, the config implies {hf_shape(config, name)}")
+            yield name, tensor
+    except (RuntimeError, KeyError, IndexError) as e:
+        raise ValueError(f"{where} does not match the checkpoint's tensors: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_hdpissa.checkpoint.verify import check_finite, read_failure
+
 
 # ---- reading a Hugging Face folder lazily -----------------------------------------------------
 class SafetensorsFolder:
@@ -34,7 +36,10 @@ class SafetensorsFolder:
             path = hf_dir / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is listed in {index.name} but missing")
-            self._handles[name] = safe_open(str(path), framework="pt")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")
+            except Exception as e:  # noqa: BLE001 - safetensors' errors name neither file nor cause
+                raise read_failure(path, e) from None
             keys = self._handles[name].keys()
             self.file_of.update({k: name for k in keys if weight_map is None or weight_map.get(k) == name})
 
@@ -52,14 +57,26 @@ class SafetensorsFolder:
             )
         return sl
 
+    def _checked(self, key: str, read) -> torch.Tensor:
+        """`read()` of tensor `key`, its file named when the read fails or the values are not finite."""
+        path = self.hf_dir / self.file_of.get(key, "?")
+        try:
+            tensor = read()
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated file: safetensors names neither file nor key
+            raise read_failure(f"{path} (tensor {key!r})", e) from None
+        check_finite({key: tensor}, path)
+        return tensor
+
     def full(self, key: str, shape) -> torch.Tensor:
-        return self._slice(key, shape)[:]
+        return self._checked(key, lambda: self._slice(key, shape)[:])
 
     def rows(self, key: str, shape, start: int, stop: int) -> torch.Tensor:
-        return self._slice(key, shape)[start:stop]
+        return self._checked(key, lambda: self._slice(key, shape)[start:stop])
 
     def cols(self, key: str, shape, start: int, stop: int) -> torch.Tensor:
-        return self._slice(key, shape)[:, start:stop].contiguous()
+        return self._checked(key, lambda: self._slice(key, shape)[:, start:stop].contiguous())
 
 
 # ---- whole HF tensors already in memory -------------------------------------------------------

@@ -54,6 +54,27 @@ def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[
     return {key: torch.cat([value, tail[key]], dim=1) for key, value in batch.items()}
 
 
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Per-document causal mask of rows of `document_ids` `(b, s)`: bool `(b, 1, s, s)`, True
+    where query i must not attend to key j (megatron-core's convention), i.e. j > i or j belongs
+    to another example of the row (padding is a segment of its own)."""
+    s = document_ids.shape[-1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return ~(same & causal)[:, None]
+
+
+def attention_mask(batch: dict[str, torch.Tensor], device=None) -> torch.Tensor | None:
+    """The attention mask a micro-batch needs: None (plain causal, the fused kernels' fast path)
+    when every row holds at most one example, else `document_causal_mask` so packed examples
+    attend only within themselves. Each example's positions start at 0 and padding continues the
+    last example's, so a row holds several examples exactly when position 0 occurs twice. Built
+    on `device`."""
+    if int((batch["position_ids"] == 0).sum(dim=1).max()) <= 1:
+        return None
+    return document_causal_mask(batch["document_ids"].to(device))
+
+
 def pack_greedy(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:
     """Fill rows of `capacity` positions with examples in `order`, starting a new row when the next
     example does not fit."""
@@ -79,8 +100,8 @@ class SFTBatchIterator:
     incomplete step is skipped; without it the step is filled with empty rows (loss mask 0), which
     suits one evaluation pass (`shuffle=False, drop_last=False, num_epochs=1`).
 
-    With `pack=True` a row holds several examples; attention stays causal across them unless the
-    caller builds a per-document block mask from the batch's `document_ids`.
+    With `pack=True` a row holds several examples; `attention_mask(batch)` is the per-document
+    causal mask that keeps each one attending only within itself (the trainer passes it).
 
     Each micro-batch is as long as its longest row, rounded up to a multiple of `pad_multiple`
     (so TP / sequence-parallel splits and kernels get friendly shapes) and capped at the dataset's

@@ -250,9 +250,9 @@ class SFTDataset:
         """One row of `length` (default seq_length) positions holding the examples `indices` back
         to back, then padding.
 
-        Packed examples are separated in the labels, loss mask and position ids, but a plain causal
-        mask still lets a token attend to earlier examples of the row; build a per-document block
-        mask from `document_ids` to prevent that.
+        Packed examples are separated in the labels, loss mask and position ids; a plain causal
+        mask would still let a token attend to earlier examples of the row, so the trainer passes
+        `data.batches.attention_mask(batch)`, built from `document_ids`.
         """
         s, pad = self.seq_length if length is None else length, self.tokenizer.pad_id
         if self.row_length(indices) > s:

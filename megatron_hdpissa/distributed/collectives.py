@@ -1,4 +1,8 @@
-"""The package's collectives over ParallelGroups: DP sums and averages, norms, gathers, reduce-scatter, buckets."""
+"""The package's collectives, the only module that calls torch.distributed's collectives (a test
+checks the source). Every tensor goes to a device its group's backend serves first (NCCL: CUDA;
+gloo: CPU) and results are copied back, so a CPU flag or loss sum is legal under NCCL and a CUDA
+tensor under gloo (docs/DESIGN.md §10). On top: DP sums and averages, norms, gathers,
+reduce-scatter, buckets over ParallelGroups."""
 from __future__ import annotations
 
 import torch
@@ -6,21 +10,127 @@ import torch.distributed as dist
 
 from megatron_hdpissa.distributed.groups import ParallelGroups
 
-# newer torch deprecates all_gather_into_tensor in favour of all_gather_single (same semantics)
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_dist = dist  # every raw collective below goes through this name (tests put a checking proxy here)
+SUM, MAX, MIN = dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN
+# device types each backend serves; a backend not listed (ucc, fake, ...) is trusted with any
+_SERVES = {"nccl": {"cuda"}, "gloo": {"cpu"}, "mpi": {"cpu"}}
 
 
-def collective_device() -> torch.device:
-    """Where a small tensor must live for a collective of the default backend."""
-    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
+def served_devices(group=None) -> set[str] | None:
+    """Device types `group`'s backend takes tensors on (a device map such as `cpu:gloo,cuda:nccl`
+    serves each of its types); None when any device will do (unknown backend, no process group)."""
+    if not initialized():
+        return None
+    backend = str(dist.get_backend(group))
+    if ":" in backend:
+        return {part.split(":")[0].strip() for part in backend.split(",")}
+    return _SERVES.get(backend)
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a new small tensor for a collective over `group` should live: the current CUDA device
+    when the backend serves only CUDA (NCCL), else the CPU."""
+    served = served_devices(group)
+    if served is not None and "cpu" not in served and "cuda" in served:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _placed(t: torch.Tensor, group) -> torch.Tensor:
+    """`t` itself when `group`'s backend serves its device, else a copy on `collective_device`."""
+    served = served_devices(group)
+    if served is None or t.device.type in served:
+        return t
+    return t.to(collective_device(group))
+
+
+def _back(t: torch.Tensor, placed: torch.Tensor) -> torch.Tensor:
+    if placed is not t:
+        t.copy_(placed)
+    return t
+
+
+# ---- the raw collectives, placed ----------------------------------------------------------------
+def all_reduce_(t: torch.Tensor, group=None, op=SUM) -> torch.Tensor:
+    """`t` <- its reduction over `group` in place (nothing without a process group); returns `t`."""
+    if initialized():
+        placed = _placed(t, group)
+        _dist.all_reduce(placed, op=op, group=group)
+        _back(t, placed)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """`t` <- global rank `src`'s `t`, in place (nothing without a process group); returns `t`."""
+    if initialized():
+        placed = _placed(t, group)
+        _dist.broadcast(placed, src=src, group=group)
+        _back(t, placed)
+    return t
+
+
+def all_gather_list(local: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+    """Every rank's `local` (same shape on each) in group-rank order, on `local`'s device."""
+    placed = _placed(local.contiguous(), group)
+    shards = [torch.empty_like(placed) for _ in range(size)]
+    _dist.all_gather(shards, placed, group=group)
+    return [s.to(local.device) for s in shards]
+
+
+def _flat_op(raw, out: torch.Tensor, t: torch.Tensor, group, async_op: bool):
+    p_out, p_in = _placed(out, group), _placed(t.contiguous(), group)
+    if p_out is out and p_in is t:
+        return raw(out, t, group=group, async_op=async_op)
+    raw(p_out, p_in, group=group)  # moved: synchronously, so the copy back sees the result
+    _back(out, p_out)
+    return None
+
+
+def all_gather_flat_(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """`out` <- every rank's `t` concatenated along dim 0; the handle when it runs asynchronously."""
+    raw = getattr(_dist, "all_gather_single", None) or _dist.all_gather_into_tensor  # newer name, same op
+    return _flat_op(raw, out, t, group, async_op)
+
+
+def reduce_scatter_flat_(out: torch.Tensor, t: torch.Tensor, group=None, async_op: bool = False):
+    """`out` <- this rank's block of the sum over `group` of `t` (dim 0 split in rank order)."""
+    raw = getattr(_dist, "reduce_scatter_single", None) or _dist.reduce_scatter_tensor
+    return _flat_op(raw, out, t, group, async_op)
+
+
+def barrier(group=None) -> None:
+    """A barrier over `group` (nothing without a process group)."""
+    if initialized():
+        _dist.barrier(group=group)
+
+
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] without a process group)."""
+    if not initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    _dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Global rank `src`'s picklable `obj` on every rank (`obj` without a process group)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    _dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+# ---- over ParallelGroups ----------------------------------------------------------------------------
 def sum_over_dp_(t: torch.Tensor, groups: ParallelGroups) -> None:
     """`t` <- its sum over the data-parallel group, in place (nothing with one DP rank)."""
     if groups.dp_size > 1:
-        dist.all_reduce(t, group=groups.dp_group)
+        all_reduce_(t, groups.dp_group)
 
 
 def average_over_dp_(grads: list[torch.Tensor], groups: ParallelGroups) -> int:
@@ -29,7 +139,7 @@ def average_over_dp_(grads: list[torch.Tensor], groups: ParallelGroups) -> int:
     if groups.dp_size == 1 or not grads:
         return 0
     flat = torch.cat([x.reshape(-1).float() for x in grads])
-    dist.all_reduce(flat, group=groups.dp_group)
+    all_reduce_(flat, groups.dp_group)
     flat.div_(groups.dp_size)
     off = 0
     for x in grads:
@@ -56,22 +166,32 @@ def squared_norms(tensor_lists: list[list[tuple[bool, torch.Tensor]]], groups: P
             if norms:
                 sq[row, i] = torch.stack(norms).double().square().sum()
     if groups.tp_size > 1:
-        dist.all_reduce(sq[0], group=groups.tp_group)
+        all_reduce_(sq[0], groups.tp_group)
     total = sq.sum(0)
     if groups.pp_size > 1:  # each stage holds only its own layers
-        dist.all_reduce(total, group=groups.pp_group)
+        all_reduce_(total, groups.pp_group)
     return total
 
 
 def any_rank(flag: bool, groups: ParallelGroups, value: int = 1) -> int:
     """The largest `value` among the ranks whose `flag` is set, over the whole DP x TP x PP grid
     (0 if none): a decision one rank takes that every rank must follow."""
-    t = torch.tensor([value if flag else 0], dtype=torch.int64, device=collective_device())
+    t = torch.tensor([value if flag else 0], dtype=torch.int64, device=collective_device(groups.dp_group))
     for size, group in ((groups.dp_size, groups.dp_group), (groups.tp_size, groups.tp_group),
                         (groups.pp_size, groups.pp_group)):
         if size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            all_reduce_(t, group, MAX)
     return int(t)
+
+
+def sum_over_grid(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """`t` summed over the whole DP x TP x PP grid, in place (one all-reduce per group of size > 1);
+    NaN or inf on any rank makes it non-finite on every rank."""
+    for size, group in ((groups.dp_size, groups.dp_group), (groups.tp_size, groups.tp_group),
+                        (groups.pp_size, groups.pp_group)):
+        if size > 1:
+            dist.all_reduce(t, group=group)
+    return t
 
 
 def all_gather_over_dp(flat: torch.Tensor, groups: ParallelGroups, async_op: bool = False):
@@ -80,7 +200,7 @@ def all_gather_over_dp(flat: torch.Tensor, groups: ParallelGroups, async_op: boo
     if groups.dp_size == 1:
         return flat.view(1, -1), None
     out = torch.empty(groups.dp_size * flat.numel(), dtype=flat.dtype, device=flat.device)
-    handle = _all_gather_flat(out, flat, group=groups.dp_group, async_op=async_op)
+    handle = all_gather_flat_(out, flat, groups.dp_group, async_op=async_op)
     return out.view(groups.dp_size, -1), handle
 
 
@@ -89,13 +209,13 @@ def all_gather_into(out: torch.Tensor, local: torch.Tensor, groups: ParallelGrou
     if groups.dp_size == 1:
         out.copy_(local)
     else:
-        _all_gather_flat(out, local.detach().contiguous(), group=groups.dp_group)
+        all_gather_flat_(out, local.detach(), groups.dp_group)
 
 
 def reduce_scatter_over_dp(flat: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     """Row `dp_rank` of the sum over DP of `flat` (viewed as dp rows)."""
     mine = torch.empty(flat.numel() // groups.dp_size, dtype=flat.dtype, device=flat.device)
-    _reduce_scatter_flat(mine, flat.reshape(-1), group=groups.dp_group)
+    reduce_scatter_flat_(mine, flat.reshape(-1), groups.dp_group)
     return mine
 
 

@@ -34,18 +34,31 @@ MoE route (`param.allreduce = False`) alone still reduces over the expert-data-p
 which for a dense model is the data-parallel group, and Megatron-LM builds DDP inside
 `get_model` with its global groups, so a one-rank expert-DP group cannot be passed in before
 0.19. DDP registers its gradient hooks and buffers only for parameters that require gradients
-when it is constructed. So the wrapper keeps every HD-PiSSA-trainable parameter frozen while DDP
-is built (they get `allreduce = False` as well) and the optimizer hook, which Megatron-LM calls
-after DDP is built, unfreezes them: their gradients then accumulate in `param.grad` over the
-micro-batches, un-reduced and un-scaled, which is what `HDPiSSAOptimizer` expects. The hook
-checks that DDP did not take them (no `main_grad`).
+when it is constructed. So the wrapper keeps the factors frozen while DDP is built (they get
+`allreduce = False` as well) and the optimizer hook, which Megatron-LM calls after DDP is built,
+unfreezes them: their gradients then accumulate in `param.grad` over the micro-batches,
+un-reduced and un-scaled, which is what `HDPiSSAOptimizer` expects. The hook checks that DDP did
+not take them (no `main_grad`). Other trainable parameters (`--hd-pissa-trainable-modules`, e.g.
+norms) are ordinary: Megatron's DDP averages them and Megatron's own optimizer, which the hook
+builds over them (`get_megatron_optimizer`, before unfreezing the factors), steps them.
 
 What Megatron-LM gets from the optimizer hook (`MegatronHDPiSSAOptimizer`): `step()` returns
 `(update_successful, grad_norm, num_zeros_in_grad)`; a non-finite gradient on any rank skips the
-step on all ranks. `grad_norm` is the global norm over every data-parallel rank's factors (and
-any other trainable parameters), which `--clip-grad` clips, one coefficient on every rank.
-`zero_grad`, `param_groups` (for the LR scheduler), `scale_loss`/`get_loss_scale` (fp32: scale 1), `reload_model_params` (nothing to refresh: no
-fp32 copies are kept), `state_dict`/`load_state_dict` and `sharded_state_dict` (`torch_dist`).
+step on all ranks. `grad_norm` is the global norm over every data-parallel rank's factors and
+Megatron's optimizer's parameters (its own `get_grad_norm()`, right under
+`--use-distributed-optimizer` too), which `--clip-grad` clips, one coefficient for both.
+`zero_grad`, `param_groups` (HD-PiSSA's group, then Megatron's, for the LR scheduler),
+`scale_loss`/`get_loss_scale` (scale 1), `reload_model_params` (re-reads the fp32 masters from the
+loaded weights), `state_dict`/`load_state_dict` and `sharded_state_dict` (`torch_dist`), each
+with Megatron's optimizer's state beside HD-PiSSA's.
+
+`--bf16`: Megatron-LM's `Float16Module` casts the whole model, adapters included; the hook casts
+the adapters back to fp32 (their factors are still zero then). The targeted weights stay bf16
+and their updates accumulate in HD-PiSSA's masters (`--hd-pissa-master-weights`, `auto` =
+DP-sharded fp32), re-read from the weights after the checkpoint loads (`reload_model_params`,
+and again at the post-load decomposition); Megatron's optimizer keeps its own fp32 copies of the
+other parameters. `--use-distributed-optimizer` shards those; the factors are per rank and the
+masters DP-sharded already.
 
 Checkpoints: the model state dict is the base model's (updated `W`, no adapter keys), so every
 Megatron-LM checkpoint is an ordinary model checkpoint that converts back to Hugging Face. This
@@ -56,16 +69,15 @@ data-parallel rank it cannot resume the factors: loading it stops with a message
 `--no-load-optim` (or `--finetune`) to continue from the saved weights with a fresh decomposition.
 
 Megatron-LM flags HD-PiSSA needs: `--transformer-impl local` (the adapters wrap megatron-core's
-own parallel linears, not Transformer Engine's), fp32 weights (no `--bf16`/`--fp16`), and for an
-exact resume `--ckpt-format torch_dist` (the default).
+own parallel linears, not Transformer Engine's), and for an exact resume `--ckpt-format
+torch_dist` (the default).
 
 Pipeline parallelism (`--pipeline-model-parallel-size`) works: each stage's provider call attaches
 the adapters of its own layers, each stage decomposes its layers over its own ranks at its first
 forward, and the optimizer's global gradient norm spans the stages.
 
-Not supported here (clear errors): `--bf16`/`--fp16` (per-step updates are lost in 16-bit
-weights; the method runs on fp32 weights), `--use-distributed-optimizer`, virtual pipeline
-stages, `--hd-pissa-virtual-ranks` > 1, `--peft lora|pissa` (use `python -m megatron_hdpissa.finetune`),
+Not supported here (clear errors): `--fp16` (its loss scaling would have to span every rank's
+factors; use `--bf16`), virtual pipeline stages, `--hd-pissa-virtual-ranks` > 1, `--peft lora|pissa` (use `python -m megatron_hdpissa.finetune`),
 Transformer Engine layers.
 `--peft full` leaves Megatron-LM untouched. Megatron's `--weight-decay` (default 0.01) applies to
 the factors' AdamW; pass `--weight-decay 0` to match `python -m megatron_hdpissa.finetune`.
@@ -113,16 +125,20 @@ model provider is used, and pass the provider by keyword:
                  partial(model_provider, gpt_builder)),
              store=store, get_embedding_ranks=get_embedding_ranks)
 
-`args_provider_api()` says which of the two flag routes the installed Megatron-LM takes.
+`args_provider_api()` says which of the two flag routes the installed Megatron-LM takes. A
+complete script that picks the route itself: `examples/megatron_lm/pretrain_gpt_hdpissa.py`.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import inspect
 from typing import Callable, Optional
 
 from megatron_hdpissa.integrations.megatron_lm_model import (hidden_parameters, is_hd_pissa_model,
-                                                             prepare_hd_pissa_model, unwrap_model)
+                                                             keep_adapters_fp32, prepare_hd_pissa_model,
+                                                             unwrap_model)
 from megatron_hdpissa.integrations.megatron_lm_optimizer import MegatronHDPiSSAOptimizer
 from megatron_hdpissa.peft.common import HD_PISSA
 from megatron_hdpissa.training.arguments import FULL, add_hd_pissa_args, hd_pissa_config
@@ -206,10 +222,14 @@ def wrap_model_provider(model_provider: Callable, args=None) -> Callable:
 
 
 # ---- optimizer --------------------------------------------------------------------------------
-def get_hd_pissa_optimizer(model_chunks, args=None) -> MegatronHDPiSSAOptimizer:
+def get_hd_pissa_optimizer(model_chunks, args=None, megatron_optimizer=None) -> MegatronHDPiSSAOptimizer:
     """The HD-PiSSA optimizer for Megatron-LM's model chunks (DDP-wrapped or not). `args`:
     Megatron's parsed arguments or its `OptimizerConfig` (same field names; default `get_args()`).
-    Unfreezes the HD-PiSSA parameters the wrapped provider kept away from DDP."""
+    `megatron_optimizer`: Megatron's own optimizer over the other trainable parameters (built
+    while the factors were still frozen; the hook builds it), needed when there are any.
+    Unfreezes the factors the wrapped provider kept away from DDP, and keeps them fp32 under
+    `--bf16` (their updates accumulate in HD-PiSSA's master weights: `--hd-pissa-master-weights`,
+    sharded fp32 by default)."""
     chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     if len(chunks) != 1:
         raise ValueError(f"{len(chunks)} model chunks: virtual pipeline stages are not supported with HD-PiSSA")
@@ -217,19 +237,40 @@ def get_hd_pissa_optimizer(model_chunks, args=None) -> MegatronHDPiSSAOptimizer:
     if not is_hd_pissa_model(model):
         raise ValueError("the model has no HD-PiSSA adapters: build it with megatron_lm.wrap_model_provider(...)")
     args = args if args is not None else _megatron_args()
-    if getattr(args, "bf16", False) or getattr(args, "fp16", False):
-        raise ValueError("--bf16/--fp16 with HD-PiSSA loses the per-step updates in 16-bit weights; "
-                         "train in fp32 (drop --bf16/--fp16)")
-    if getattr(args, "use_distributed_optimizer", False):
-        raise ValueError("--use-distributed-optimizer is not supported with HD-PiSSA (its optimizer "
-                         "replaces Megatron's); drop the flag")
-    for p in hidden_parameters(model):
+    if getattr(args, "fp16", False):
+        raise ValueError("--fp16 is not supported with HD-PiSSA under Megatron-LM (its loss scaling would "
+                         "have to span every rank's factors); use --bf16")
+    factors = hidden_parameters(model)
+    factor_ids = {id(p) for p in factors}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+    if others and megatron_optimizer is None:
+        raise ValueError("--hd-pissa-trainable-modules: the other trainable parameters need Megatron-LM's own "
+                         "optimizer; install the hook with megatron_lm.use_hd_pissa_optimizer() or pass "
+                         "megatron_optimizer=")
+    keep_adapters_fp32(model)
+    for p in factors:
         p.requires_grad_(True)
-    opt = MegatronHDPiSSAOptimizer(model, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                   eps=args.adam_eps, weight_decay=args.weight_decay,
-                                   clip_grad=getattr(args, "clip_grad", 0.0) or 0.0)
+    for p in others:  # Megatron's optimizer steps them; HDPiSSAOptimizer takes the factors only
+        p.requires_grad_(False)
+    try:
+        opt = MegatronHDPiSSAOptimizer(model, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                       eps=args.adam_eps, weight_decay=args.weight_decay,
+                                       clip_grad=getattr(args, "clip_grad", 0.0) or 0.0,
+                                       others=megatron_optimizer if others else None)
+    finally:
+        for p in others:
+            p.requires_grad_(True)
     opt.check_not_in_ddp()
     return opt
+
+
+def _unclipped(config):
+    """A copy of Megatron's optimizer config (a dataclass, or parsed arguments) with clip_grad 0."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.replace(config, clip_grad=0.0)
+    copied = copy.copy(config)
+    copied.clip_grad = 0.0
+    return copied
 
 
 def use_hd_pissa_optimizer(training_module=None) -> None:
@@ -245,9 +286,14 @@ def use_hd_pissa_optimizer(training_module=None) -> None:
     @functools.wraps(original)
     def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
         chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-        if any(is_hd_pissa_model(c) for c in chunks):
-            return get_hd_pissa_optimizer(chunks, config)
-        return original(config, model_chunks, *args, **kwargs)
+        if not any(is_hd_pissa_model(c) for c in chunks):
+            return original(config, model_chunks, *args, **kwargs)
+        others = None
+        if any(p.requires_grad for c in chunks for p in c.parameters()):  # the factors are still frozen
+            # Megatron's optimizer for the other trainable parameters, unclipped: the HD-PiSSA
+            # optimizer clips everything with one global norm
+            others = original(_unclipped(config), model_chunks, *args, **kwargs)
+        return get_hd_pissa_optimizer(chunks, config, megatron_optimizer=others)
 
     get_megatron_optimizer._hd_pissa_original = original
     training_module.get_megatron_optimizer = get_megatron_optimizer

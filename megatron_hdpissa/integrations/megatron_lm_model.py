@@ -41,7 +41,9 @@ def prepare_hd_pissa_model(model: nn.Module, config: HDPiSSAConfig,
     # Pipeline stages decompose at their own first forward, each over its own stage's ranks
     # (megatron-core's tensor-and-data-parallel group).
     apply_hd_pissa(model, config, groups, progress=False, decompose=False)
-    hidden = [p for p in model.parameters() if p.requires_grad]
+    # Only the factors are hidden: other trainable parameters (--hd-pissa-trainable-modules) go
+    # into Megatron's DDP and Megatron's own optimizer, as in any Megatron-LM run.
+    hidden = [p for _, _, adapter in iter_adapters(model) for p in adapter.parameters()]
     for p in hidden:
         p.allreduce = False  # never data-parallel reduced by DDP (see megatron_hdpissa.integrations.megatron_lm)
         p.requires_grad_(False)
@@ -50,8 +52,22 @@ def prepare_hd_pissa_model(model: nn.Module, config: HDPiSSAConfig,
         adapter._register_state_dict_hook(_drop_adapter_keys)
         adapter.register_load_state_dict_post_hook(_ignore_missing_adapter_keys)
     hook = model.register_forward_pre_hook(_first_forward)
-    setattr(model, _STATE, {"state": ATTACHED, "hidden": hidden, "hook": hook})
+    setattr(model, _STATE, {"state": ATTACHED, "hidden": hidden, "hook": hook, "after_decompose": []})
     return model
+
+
+def keep_adapters_fp32(model: nn.Module) -> None:
+    """Undo Megatron-LM's `Float16Module` cast (`--bf16`) on the adapters: the factors (zero until
+    the post-load decomposition) and their gathered copies stay fp32, as in the trainer; the
+    adapters' backward casts to the activations' dtype and back."""
+    for _, _, adapter in iter_adapters(model):
+        adapter.float()
+
+
+def on_decompose(model: nn.Module, callback) -> None:
+    """Call `callback()` right after the post-load decomposition (the optimizer hook re-reads its
+    fp32 masters from the loaded weights there)."""
+    getattr(model, _STATE)["after_decompose"].append(callback)
 
 
 def _first_forward(module, inputs):
@@ -82,6 +98,8 @@ def hd_pissa_after_load(model, progress: bool = False) -> bool:
         if state["state"] == ATTACHED:
             decompose_hd_pissa(inner, progress)
             state["state"] = DECOMPOSED
+            for callback in state["after_decompose"]:
+                callback()
             done = True
     return done
 
@@ -92,7 +110,7 @@ def is_hd_pissa_model(model) -> bool:
 
 
 def hidden_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The HD-PiSSA-trainable parameters kept frozen (away from megatron-core DDP) until the optimizer hook."""
+    """The HD-PiSSA factors, kept frozen (away from megatron-core DDP) until the optimizer hook."""
     return getattr(model, _STATE)["hidden"]
 
 

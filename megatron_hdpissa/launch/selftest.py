@@ -12,16 +12,15 @@ def selftest(out_path: str | None = None, tensor_model_parallel_size: int = 1, b
     import torch
     import torch.distributed as dist
 
+    from megatron_hdpissa.distributed.collectives import all_gather_object, all_reduce_, collective_device
     from megatron_hdpissa.distributed.groups import initialize, shutdown
 
     groups = initialize(tensor_model_parallel_size=tensor_model_parallel_size, backend=backend)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
     def summed(group) -> int:
-        t = torch.tensor([rank + 1], dtype=torch.int64, device=device)
-        dist.all_reduce(t, group=group)
-        return int(t.item())
+        t = torch.tensor([rank + 1], dtype=torch.int64, device=collective_device(group))
+        return int(all_reduce_(t, group).item())
 
     record = {
         "rank": rank,
@@ -35,8 +34,7 @@ def selftest(out_path: str | None = None, tensor_model_parallel_size: int = 1, b
     }
     print(f"selftest rank {rank}/{world_size} on {socket.gethostname()} (master "
           f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {json.dumps(record)}", flush=True)
-    records: list = [None] * world_size
-    dist.all_gather_object(records, record)
+    records = all_gather_object(record)
     expected = world_size * (world_size + 1) // 2
     result = {
         "world_size": world_size,

@@ -10,6 +10,19 @@ from megatron_hdpissa.models.config import TP_FLAG, ModelConfig, as_model_config
 from megatron_hdpissa.models.recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS
 
 DEFAULT_SEED = 1234  # Megatron-LM's --seed default
+# --attention-backend (Megatron-LM's flag name): core attention on torch's scaled_dot_product_attention
+# (models/attention.py, the default), or megatron-core's DotProductAttention (s x s scores in memory)
+SDPA, LOCAL = "sdpa", "local"
+ATTENTION_BACKENDS = (SDPA, LOCAL)
+
+
+def check_attention_backend(attention_backend: str, config: ModelConfig, document_masks: bool) -> None:
+    """Refuse what would silently be inexact: megatron-core's DotProductAttention lets a sliding
+    window replace a given mask, so packed rows (per-document masks) would attend across examples."""
+    if document_masks and attention_backend == LOCAL and config.sliding_window:
+        raise ValueError(f"--pack with --attention-backend {LOCAL} on a sliding-window model (window "
+                         f"{config.sliding_window}): megatron-core's DotProductAttention drops the per-document "
+                         f"mask under a window; use --attention-backend {SDPA}")
 
 
 def parallelism_overrides(
@@ -123,6 +136,7 @@ def build_gpt_model(
     seed: int | None = DEFAULT_SEED,
     pre_process: bool = True,
     post_process: bool = True,
+    attention_backend: str = SDPA,
     **overrides,
 ):
     """A megatron-core `GPTModel` (local layer spec) for this rank's TP shard.
@@ -130,7 +144,9 @@ def build_gpt_model(
     `config`: ModelConfig, HF config/dict/folder, or a converted checkpoint folder. `tp_size`
     must match megatron-core's initialised TP group (defaults to it). `seed` seeds the
     model-parallel RNG tracker first, as Megatron-LM does (None: the caller already did).
-    `parallel_output=False` gathers full-vocabulary logits. `overrides` go to TransformerConfig
+    `parallel_output=False` gathers full-vocabulary logits. `attention_backend`: "sdpa"
+    (`models.attention.SDPAttention`) or "local" (megatron-core's `DotProductAttention`); both have
+    no parameters, so checkpoints do not depend on it. `overrides` go to TransformerConfig
     (e.g. `sequence_parallel=True`, `recompute_granularity="full"`).
     """
     from megatron.core import parallel_state as ps
@@ -155,8 +171,14 @@ def build_gpt_model(
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend {attention_backend!r}: choose from {', '.join(ATTENTION_BACKENDS)}")
     tconfig = transformer_config(model_config, tp_size, dtype, **overrides)
     layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model_config.qk_layernorm)
+    if attention_backend == SDPA:
+        from megatron_hdpissa.models.attention import SDPAttention
+
+        layer_spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if tconfig.sequence_parallel and needs_own_norm():
         layer_spec = sequence_parallel_block_spec(layer_spec, tconfig)
     return GPTModel(

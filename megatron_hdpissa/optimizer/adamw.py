@@ -41,16 +41,29 @@ def init_state(state: dict, param: torch.Tensor) -> dict:
     return state
 
 
-def adamw_deltas(params, grads, states, lr, beta1, beta2, eps, weight_decay) -> list[torch.Tensor]:
-    """What AdamW would subtract from each parameter (torch.optim.AdamW's formula; the weight
-    decay per `decays`), updating the moments in place. Returns one step tensor per parameter."""
-    deltas = []
+class PendingAdamW:
+    """AdamW's step of some parameters, computed but not yet taken: `deltas` (what AdamW would
+    subtract) and the moments the step would leave. Nothing in the optimizer state changes until
+    `commit()`, so a step found non-finite is dropped with the moments and step counts untouched."""
+
+    def __init__(self, states, moments, deltas):
+        self.states, self.moments, self.deltas = states, moments, deltas
+
+    def commit(self) -> None:
+        for st, (exp_avg, exp_avg_sq) in zip(self.states, self.moments):
+            st["exp_avg"].copy_(exp_avg)
+            st["exp_avg_sq"].copy_(exp_avg_sq)
+            st["step"] += 1
+
+
+def adamw_step(params, grads, states, lr, beta1, beta2, eps, weight_decay) -> PendingAdamW:
+    """AdamW's step of each parameter (torch.optim.AdamW's formula; the weight decay per
+    `decays`), computed out of place: the moments change only on `commit()`."""
+    moments, deltas = [], []
     for p, g, st in zip(params, grads, states):
-        st["step"] += 1
-        step = st["step"]
-        exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step = st["step"] + 1
+        exp_avg = st["exp_avg"].lerp(g, 1 - beta1)
+        exp_avg_sq = st["exp_avg_sq"].mul(beta2).addcmul_(g, g, value=1 - beta2)
         bias1 = 1 - beta1 ** step
         bias2 = 1 - beta2 ** step
         denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
@@ -59,5 +72,14 @@ def adamw_deltas(params, grads, states, lr, beta1, beta2, eps, weight_decay) -> 
         wd = weight_decay_of(p, weight_decay)
         if wd:
             delta.add_(p.detach(), alpha=lr * wd)
+        moments.append((exp_avg, exp_avg_sq))
         deltas.append(delta)
-    return deltas
+    return PendingAdamW(list(states), moments, deltas)
+
+
+def adamw_deltas(params, grads, states, lr, beta1, beta2, eps, weight_decay) -> list[torch.Tensor]:
+    """`adamw_step`, committed at once: updates the moments in place and returns one step tensor
+    per parameter."""
+    pending = adamw_step(params, grads, states, lr, beta1, beta2, eps, weight_decay)
+    pending.commit()
+    return pending.deltas

@@ -63,12 +63,15 @@ def unscale_and_clip_(grads: list[torch.Tensor], per_rank_grads, dp_grads, group
     return norm, False
 
 
-def record_step(optimizer, norm: Optional[float], skip: bool) -> bool:
-    """Keep an optimizer's public record of its last step (`last_grad_norm`, `last_step_skipped`,
-    `skipped_steps`) the same way for every method; returns `skip`."""
-    if norm is not None:
-        optimizer.last_grad_norm = norm
+def record_step(optimizer, norm: Optional[float], skip: bool, reason: Optional[str] = None) -> bool:
+    """Keep an optimizer's public record of its last step the same way for every method:
+    `last_grad_norm` (this step's norm, None when it was not taken), `last_step_skipped`,
+    `skipped_steps`, and `last_skip_reason`: "gradient" (a non-finite gradient norm, e.g. an
+    fp16 overflow), "update" (the finite guard refused the update: `finite_guard`) or None.
+    Returns `skip`."""
+    optimizer.last_grad_norm = norm
     optimizer.last_step_skipped = skip
+    optimizer.last_skip_reason = (reason or "gradient") if skip else None
     if skip:
         optimizer.skipped_steps += 1
     return skip

@@ -9,6 +9,7 @@ from megatron_hdpissa.distributed.collectives import average_over_dp_
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.optimizer.adamw import param_groups_by_decay
 from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, record_step, unscale_and_clip_
+from megatron_hdpissa.optimizer.finite_guard import nonfinite_marker, torch_adamw_bound, update_is_finite
 from megatron_hdpissa.optimizer.phases import PhaseHook, phase
 
 TORCH_ADAMW_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's default, kept for callers that pass none
@@ -23,7 +24,10 @@ class DataParallelAdamW(torch.optim.AdamW):
     The rules are HDPiSSAOptimizer's: weight decay on >= 2-D parameters only (`adamw.decays`; the
     parameters are split into a decaying and a non-decaying group), and a non-finite global norm
     skips the step on every rank (`clip_grads.unscale_and_clip_`; `last_step_skipped`,
-    `skipped_steps`). The norm is taken when clipping or with `track_grad_norm`.
+    `skipped_steps`). The norm is taken when clipping or with `track_grad_norm`. Before torch's
+    AdamW runs, the finite guard bounds every new parameter (`finite_guard`); a step that could
+    leave a non-finite value is skipped on every rank with parameters and moments untouched
+    (`last_skip_reason` "update").
 
     `phase_hook(name)`, when set, wraps the phases "aggregate" (the gradient average), "clip"
     and "adam", each also a profiler range `hd_pissa.optimizer.<name>` (`phases`)."""
@@ -40,6 +44,7 @@ class DataParallelAdamW(torch.optim.AdamW):
         self.track_grad_norm = False  # compute last_grad_norm even without clipping
         self.last_step_skipped = False
         self.skipped_steps = 0
+        self.last_skip_reason: Optional[str] = None
         self.phase_hook: Optional[PhaseHook] = None
 
     @torch.no_grad()
@@ -58,5 +63,17 @@ class DataParallelAdamW(torch.optim.AdamW):
         if record_step(self, norm, skip):
             return loss
         with phase("adam", self.phase_hook):
+            if not self._update_is_finite(norm, grads):  # skipped before torch's AdamW touches anything
+                record_step(self, norm, True, reason="update")
+                return loss
             super().step()
         return loss
+
+    def _update_is_finite(self, norm: Optional[float], grads) -> bool:
+        """The finite guard (`finite_guard.torch_adamw_bound`): with finite gradients (checked by
+        their norm, or here when no norm was taken) every new parameter is bounded from its old
+        largest value, lr, weight decay and Adam's ratio bound; one float64 all-reduced."""
+        bound, limit = torch_adamw_bound(self.param_groups, self.state)
+        if norm is None:
+            bound = torch.maximum(bound, nonfinite_marker(grads))
+        return update_is_finite(bound, limit, self.groups)

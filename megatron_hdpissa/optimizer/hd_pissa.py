@@ -1,6 +1,7 @@
 """HDPiSSAOptimizer: per-rank AdamW on the factors, then the summed low-rank update merged into W."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -11,11 +12,12 @@ from megatron_hdpissa.distributed.ddp import (
     OTHERS_OPTIMIZERS, build_others_optimizer, factor_gradient_prescale, is_megatron_ddp,
 )
 from megatron_hdpissa.distributed.groups import ParallelGroups
-from megatron_hdpissa.optimizer.adamw import adamw_deltas, init_state
+from megatron_hdpissa.optimizer.adamw import adamw_step, init_state
 from megatron_hdpissa.optimizer.aggregation import (
     DeltaAggregator, build_entries, check_consistency, choose_paths, gather_factors,
 )
 from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, record_step, unscale_and_clip_
+from megatron_hdpissa.optimizer.finite_guard import direct_bound, factor_bound, headroom, update_is_finite
 from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scale_loss, scaler_state
 from megatron_hdpissa.optimizer.master_weights import MasterWeights, resolve_mode, unique_weights
 from megatron_hdpissa.optimizer.phases import PhaseHook, phase
@@ -49,6 +51,12 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     `grad_scaler` (fp16; megatron-core's `DynamicGradScaler` or `ConstantGradScaler`): backward
     on `scale_loss(loss)`; `step` unscales, and an overflow on any rank skips the step on every
     rank of every stage (`last_step_skipped`) and backs the scale off.
+    Finite or nothing: after AdamW has computed the deltas and before anything is written, the
+    finite guard bounds the merged update of every part from the thin factors (`finite_guard`);
+    a step that could put a non-finite value into W, a master or a Kahan term is skipped on
+    every rank (`last_skip_reason` "update"). The moments are computed out of place
+    (`adamw.adamw_step`) and committed only after the guard, so a skipped step leaves them and
+    the step counts untouched.
 
     `phase_hook(name)`, when set, wraps each phase of `step`: "clip", "adam", "aggregate" and
     "param_gather" (the latter also in `finish_param_gather`), each also a profiler range
@@ -60,9 +68,11 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                  master_weights: Optional[str] = None, aggregation: Optional[str] = None,
                  bucket_size: Optional[int] = None, clip_grad: float = 0.0, grad_scaler=None,
                  others_optimizer: str = "auto"):
-        if lr < 0:
-            raise ConfigError("lr", f"{{name}} must be >= 0, got {lr}")
-        if clip_grad is None or clip_grad < 0:
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ConfigError("lr", f"{{name}} must be finite and >= 0, got {lr}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ConfigError("weight_decay", f"{{name}} must be finite and >= 0, got {weight_decay}")
+        if clip_grad is None or not math.isfinite(clip_grad) or clip_grad < 0:
             raise ConfigError("clip_grad", f"{{name}} must be >= 0 (0 disables clipping), got {clip_grad}")
         if others_optimizer not in OTHERS_OPTIMIZERS:
             raise ConfigError("others_optimizer",
@@ -97,6 +107,7 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         self.track_grad_norm = False  # compute last_grad_norm even without clipping / loss scaling
         self.last_step_skipped = False
         self.skipped_steps = 0
+        self.last_skip_reason: Optional[str] = None
         self.phase_hook: Optional[PhaseHook] = None
         # DDP pre-scales the factors' gradients by 1/dp (it assumes a DP-averaged loss): undo it
         self._factor_grad_unscale = 1.0 / factor_gradient_prescale(self.ddp) if self.ddp is not None else 1.0
@@ -210,12 +221,19 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if record_step(self, norm, skip):
             return loss
         with phase("adam", self.phase_hook):
-            items = []
+            items, pending, others_step = [], [], None
             for group in self.param_groups:
                 if group["hd_pissa"]:
-                    items = self._factor_steps(group, {id(p): x for p, _, x in factor_grads})
+                    items, pending = self._factor_steps(group, {id(p): x for p, _, x in factor_grads})
                 else:
-                    self._step_others(group, {id(p): x for p, x in other_pairs})
+                    others_step = self._others_step(group, {id(p): x for p, x in other_pairs})
+            if not self._update_is_finite(items, others_step):  # nothing taken: W, masters, moments as they were
+                record_step(self, norm, True, reason="update")
+                return loss
+            for taken in pending:
+                taken.commit()
+            if others_step is not None:
+                others_step()
         with phase("aggregate", self.phase_hook):
             self.last_step_bytes["deltas"] += self.aggregator.factors([it for it in items if it[0].path == "factors"])
             self.last_step_bytes["dense"] += self.aggregator.dense([it for it in items if it[0].path == "dense"])
@@ -232,32 +250,57 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if self.ddp is not None:
             self.ddp.zero_grad_buffer()
 
-    def _step_others(self, group, grads_by_id):
+    def _others_step(self, group, grads_by_id):
+        """The other parameters' step, computed but not taken: a function that takes it (None
+        without gradients). Its `params` and `deltas` are what the finite guard bounds; megatron-
+        core's optimizer (which cannot be asked first) runs only once the guard has passed."""
         params = [p for p in group["params"] if id(p) in grads_by_id]
         if not params:
-            return
+            return None
         if self.others_optimizer is not None:  # megatron-core's optimizer, at this group's lr
-            for g in self.others_optimizer.param_groups:
-                g["lr"] = group["lr"]
-            self.others_optimizer.step()
-            return
+            def take():
+                for g in self.others_optimizer.param_groups:
+                    g["lr"] = group["lr"]
+                self.others_optimizer.step()
+            take.params, take.deltas = [], []
+            return take
         beta1, beta2 = group["betas"]
-        deltas = adamw_deltas(params, [grads_by_id[id(p)].float() for p in params],
-                              [init_state(self.state[p], p) for p in params], group["lr"], beta1, beta2,
-                              group["eps"], group["weight_decay"])
-        for p, d in zip(params, deltas):
-            p.sub_(d.to(p.dtype))
+        pending = adamw_step(params, [grads_by_id[id(p)].float() for p in params],
+                             [init_state(self.state[p], p) for p in params], group["lr"], beta1, beta2,
+                             group["eps"], group["weight_decay"])
 
-    def _factor_steps(self, group, grads_by_id) -> list:
-        """(entry, dA, dB) per entry: this rank's AdamW step of its own factors (zero without a gradient)."""
+        def take():
+            pending.commit()
+            for p, d in zip(params, pending.deltas):
+                p.sub_(d.to(p.dtype))
+        take.params, take.deltas = params, pending.deltas
+        return take
+
+    def _local_factors(self, entry):
+        ad = entry.adapter
+        a_all, b_all = ad.all_factors(entry.part.name)
+        return a_all[ad.first_slice:ad.first_slice + ad.local_slices], b_all[ad.first_slice:ad.first_slice + ad.local_slices]
+
+    def _update_is_finite(self, items, others_step) -> bool:
+        """The finite guard (`finite_guard`): every rank's merged deltas and direct steps are
+        bounded, one float64 all-reduced; the same answer on every rank."""
+        bound = factor_bound(items, self._local_factors)
+        if others_step is not None and others_step.params:
+            bound = torch.maximum(bound, direct_bound(others_step.params, others_step.deltas))
+        limit = min(headroom(w.dtype) for w in [e.weight for e in self.entries] + [m.data for m in self.masters])
+        return update_is_finite(bound, limit, self.groups)
+
+    def _factor_steps(self, group, grads_by_id) -> tuple[list, list]:
+        """(entry, dA, dB) per entry: this rank's AdamW step of its own factors (zero without a
+        gradient), and the pending moment updates (taken once the finite guard has passed)."""
         beta1, beta2 = group["betas"]
         live = [p for e in self.entries for p in (e.a, e.b) if id(p) in grads_by_id]
-        deltas_live = adamw_deltas(live, [grads_by_id[id(p)].float() for p in live],
-                                   [init_state(self.state[p], p) for p in live],
-                                   group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-        by_id = {id(p): d for p, d in zip(live, deltas_live)}
+        pending = adamw_step(live, [grads_by_id[id(p)].float() for p in live],
+                             [init_state(self.state[p], p) for p in live],
+                             group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        by_id = {id(p): d for p, d in zip(live, pending.deltas)}
         return [(e, by_id.get(id(e.a), torch.zeros_like(e.a)), by_id.get(id(e.b), torch.zeros_like(e.b)))
-                for e in self.entries]
+                for e in self.entries], [pending]
 
     def finish_param_gather(self, upto: Optional[torch.Tensor] = None) -> None:
         """Wait for outstanding parameter all-gathers (sharded masters) and write them into W: all

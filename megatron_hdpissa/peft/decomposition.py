@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_hdpissa.distributed.collectives import all_gather_list, broadcast_
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.peft.common import COLUMN
 from megatron_hdpissa.peft.layout import Part
@@ -63,9 +64,7 @@ class Unit:
         local = self.part.select(w) if self.kind == COLUMN else w
         if groups.tp_size == 1:
             return local
-        local = local.contiguous()
-        shards = [torch.empty_like(local) for _ in range(groups.tp_size)]
-        dist.all_gather(shards, local, group=groups.tp_group)
+        shards = all_gather_list(local, groups.tp_group, groups.tp_size)
         return torch.cat(shards, 0 if self.kind == COLUMN else 1)
 
 
@@ -114,7 +113,7 @@ def decompose_units(units: list[Unit], groups: ParallelGroups, method: str, over
                 u, s, v = results.pop(i)
                 torch.cat([u.reshape(-1), s, v.reshape(-1)], out=buf)
             src = i % world if group is None else dist.get_global_rank(group, i % world)
-            dist.broadcast(buf, src=src, group=group)
+            broadcast_(buf, src, group)
             u = buf[: m * k].view(m, k)
             s = buf[m * k: m * k + k]
             v = buf[m * k + k:].view(n, k)

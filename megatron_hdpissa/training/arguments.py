@@ -14,14 +14,16 @@ from megatron_hdpissa.checkpoint.dist import CKPT_FORMATS, TORCH_DIST
 from megatron_hdpissa.data.batches import DEFAULT_PAD_MULTIPLE
 from megatron_hdpissa.data.sft import ALPACA
 from megatron_hdpissa.data.tokenizer import TOKENIZER_TYPES
-from megatron_hdpissa.models.gpt import DEFAULT_SEED
+from megatron_hdpissa.models.gpt import ATTENTION_BACKENDS, DEFAULT_SEED, SDPA
 from megatron_hdpissa.models.recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS
 from megatron_hdpissa.peft.lowrank.config import LOWRANK_METHODS, LowRankConfig
+from megatron_hdpissa.training.guards import (  # --nonfinite-loss, --max-skipped-steps
+    DEFAULT_MAX_SKIPPED_STEPS, NONFINITE_SKIP, NONFINITE_STOP, numeric_flag_errors,
+)
 from megatron_hdpissa.training.lr_schedule import COSINE, LR_DECAY_STYLES
 
 FULL = "full"
 PEFT_CHOICES = (*PEFT_METHODS, FULL)  # --peft
-NONFINITE_STOP, NONFINITE_SKIP = "stop", "skip"  # --nonfinite-loss
 
 # The library's parameter -> the trainer's flag, for the ConfigErrors of each method.
 HD_PISSA_FLAGS = {
@@ -97,6 +99,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    "(if it holds one); otherwise it is used as the base checkpoint")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--save-retain", type=int, default=0, metavar="N",
+                   help="keep only the newest N checkpoints in --save (0: keep all); the one resumed from is kept")
     g.add_argument("--ckpt-format", choices=CKPT_FORMATS, default=TORCH_DIST,
                    help="training checkpoint format (Megatron-LM's names). torch_dist: megatron-core "
                         "dist_checkpointing, resumes at any TP / PP with the same K = DP x virtual ranks. "
@@ -115,6 +119,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--recompute-modules", nargs="*", default=None,
                    help="selective recompute: the submodules to recompute (megatron-core's names)")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=SDPA,
+                   help="core attention: sdpa (torch's scaled_dot_product_attention: fused kernels, no "
+                        "s x s scores in memory) or local (megatron-core's DotProductAttention)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -163,7 +170,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--hysteresis", type=int, default=2)
     g = parser.add_argument_group("optimization (continued)")
     g.add_argument("--nonfinite-loss", choices=(NONFINITE_STOP, NONFINITE_SKIP), default=NONFINITE_STOP,
-                   help="a NaN/inf loss on any rank: stop (default, after saving nothing) or skip the step on all ranks")
+                   help="a NaN/inf loss, gradient norm or update on any rank: stop (default, after saving nothing) "
+                        "or skip the step on all ranks (W is never touched by a non-finite update)")
+    g.add_argument("--max-skipped-steps", type=int, default=DEFAULT_MAX_SKIPPED_STEPS,
+                   help="--nonfinite-loss skip: stop after this many consecutive skipped steps (0: no limit)")
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--eval-interval", type=int, default=0)
@@ -177,6 +187,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Megatron-style supervised fine-tuning with HD-PiSSA "
                                      "(or LoRA / PiSSA / full baselines).",
+                                     # one line, not the ~60 of every flag above each error message
+                                     usage="%(prog)s --pretrained-checkpoint DIR --data-path FILE "
+                                           "(--train-iters N | --epochs E) [options: see --help]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_training_args(parser)
     add_hd_pissa_args(parser)
@@ -185,8 +198,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give at most one of --fp16 and --bf16")
     if args.fp16 and args.peft != HD_PISSA:
         parser.error(f"--fp16 (loss scaling) is implemented for --peft hd-pissa only; use --bf16 with --peft {args.peft}")
-    if args.clip_grad < 0:
-        parser.error(f"--clip-grad must be >= 0 (0 disables clipping), got {args.clip_grad}")
+    for message in numeric_flag_errors(args):  # finite and in range: --lr nan is not < 0
+        parser.error(message)
+    if args.save_retain < 0:
+        parser.error(f"--save-retain must be >= 0 (0 keeps every checkpoint), got {args.save_retain}")
     if args.pipeline_model_parallel_size < 1:
         parser.error(f"--pipeline-model-parallel-size must be >= 1, got {args.pipeline_model_parallel_size}")
     if args.pad_multiple < 1:

@@ -10,7 +10,9 @@ import sys
 from typing import Callable
 
 # What our own checks raise for bad input (megatron_hdpissa.data.sft.DataError is a ValueError).
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+from megatron_hdpissa.checkpoint.verify import CheckpointIOError  # noqa: E402 - a save that failed: one line
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, CheckpointIOError)
 EXIT_USER_ERROR = 1
 _KEY = "megatron_hdpissa/user_error/"
 

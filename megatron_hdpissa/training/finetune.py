@@ -25,9 +25,12 @@ from megatron_hdpissa.checkpoint import trainer_dist, trainer_legacy
 from megatron_hdpissa.checkpoint.dist import TORCH, TORCH_DIST
 from megatron_hdpissa.checkpoint.trainer_state import TrainerState, is_training_checkpoint, read_meta
 from megatron_hdpissa.convert.export import export_merged_hf
+from megatron_hdpissa.distributed.collectives import MIN, all_reduce_
 from megatron_hdpissa.distributed.groups import initialize, shutdown
-from megatron_hdpissa.training.arguments import (NONFINITE_STOP, effective_pad_multiple, flag_errors, grad_scaler,
-                                                 parse_args, peft_config)
+from megatron_hdpissa.training.arguments import effective_pad_multiple, flag_errors, grad_scaler, parse_args, peft_config
+from megatron_hdpissa.training.guards import StepGuard, check_finite_weights
+from megatron_hdpissa.training.quiet import hidden_notices_line, quiet_megatron_notices
+from megatron_hdpissa.training.validation import check_outputs, read_inputs
 from megatron_hdpissa.peft.common import HD_PISSA
 from megatron_hdpissa.peft.lowrank.config import LOWRANK_METHODS
 from megatron_hdpissa.training.lr_schedule import lr_at
@@ -35,12 +38,6 @@ from megatron_hdpissa.training.monitoring import Logger, StopSignal
 from megatron_hdpissa.training.step import configure_schedule, evaluate_batches, forward_backward
 
 CHECKPOINT_FORMATS = {TORCH: trainer_legacy, TORCH_DIST: trainer_dist}  # --ckpt-format -> its module
-
-
-def _all_reduce(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op, group=group)
-    return t
 
 
 class FinetuneRecipe:
@@ -60,6 +57,7 @@ class FinetuneRecipe:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         self.check_layout()
+        check_outputs(args)
         self.groups = g = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
         if (g.tp_size, g.pp_size) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
             raise ValueError(f"megatron-core is initialised with TP={g.tp_size}, PP={g.pp_size}, but the flags "
@@ -69,10 +67,15 @@ class FinetuneRecipe:
         self.rank0 = dist.get_rank() == 0
         if not self.rank0:  # data warnings (truncation counts) once, from rank 0
             logging.getLogger("megatron_hdpissa").setLevel(logging.ERROR)
+        self.tokenizer, self.train_ds, self.valid_ds = read_inputs(args, self.base_dir)  # before the model
         self.setup_model()
         self.setup_adapters()
+        if hidden_notices_line():  # megatron-core's import-time notices, once (training/quiet.py)
+            self.log(hidden_notices_line())
         self.setup_data()
         self.resume()
+        self.guard = StepGuard(args.nonfinite_loss, args.max_skipped_steps, self.log,  # --nonfinite-loss
+                               loss_scaling=args.peft == HD_PISSA and args.fp16)
 
     def check_layout(self) -> None:
         """Before any process group: the base checkpoint exists and the pipeline splits its layers."""
@@ -89,16 +92,13 @@ class FinetuneRecipe:
                              f"model (valid: {[p for p in range(1, layers + 1) if layers % p == 0]})")
 
     def setup_model(self) -> None:
-        from megatron_hdpissa.checkpoint.atomic import TOKENIZER_DIR
         from megatron_hdpissa.convert.load import load_megatron_checkpoint
         from megatron_hdpissa.models.config import ModelConfig
-        from megatron_hdpissa.models.gpt import build_gpt_model, parallelism_overrides
-        from megatron_hdpissa.data.tokenizer import build_tokenizer, check_vocab_fits
+        from megatron_hdpissa.models.gpt import build_gpt_model, check_attention_backend, parallelism_overrides
 
         args, g = self.args, self.groups
         model_config = ModelConfig.load(self.base_dir)
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or str(self.base_dir / TOKENIZER_DIR))
-        check_vocab_fits(self.tokenizer, model_config.vocab_size)
+        check_attention_backend(args.attention_backend, model_config, document_masks=args.pack)
         overrides = parallelism_overrides(
             g.tp_size, args.seq_length, model_config.num_layers, pp_size=g.pp_size,
             sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
@@ -108,7 +108,8 @@ class FinetuneRecipe:
         if g.pp_size > 1:
             overrides.update(pipeline_model_parallel_size=g.pp_size, pipeline_dtype=dtype)
         self.model = build_gpt_model(model_config, dtype=dtype, seed=args.seed, pre_process=g.is_first_stage,
-                                     post_process=g.is_last_stage, **overrides)
+                                     post_process=g.is_last_stage, attention_backend=args.attention_backend,
+                                     **overrides)
         load_megatron_checkpoint(self.model, self.base_dir)  # this rank's TP shard and stage
         self.model.to(self.device)
         self.log(f"loaded {'training checkpoint' if self.resuming else 'base'} {self.base_dir} (TP={g.tp_size}, "
@@ -160,7 +161,6 @@ class FinetuneRecipe:
         """Every slice (DP rank x virtual rank) reads its own shard of each epoch; every pipeline
         stage of a DP rank reads the same micro-batches."""
         from megatron_hdpissa.data.batches import SFTBatchIterator
-        from megatron_hdpissa.data.sft import SFTDataset
 
         args, g = self.args, self.groups
         self.slices = self.cfg.virtual_ranks if args.peft == HD_PISSA else 1
@@ -170,13 +170,10 @@ class FinetuneRecipe:
             raise ValueError(f"--global-batch-size {self.global_batch} is not a multiple of --micro-batch-size "
                              f"{args.micro_batch_size} x {g.dp_size} data-parallel ranks x {self.slices} virtual ranks")
         self.micro_per_slice = self.global_batch // (args.micro_batch_size * shards)
-        fields = dict(prompt_field=args.prompt_field, response_field=args.response_field,
-                      input_field=args.input_field, template=args.prompt_template)
         pad = dict(pack=args.pack, pad_to_max_length=args.pad_to_max_length, pad_multiple=effective_pad_multiple(args))
-        train_ds = SFTDataset.from_jsonl(args.data_path, self.tokenizer, args.seq_length, **fields)
+        train_ds, valid_ds = self.train_ds, self.valid_ds  # read before the model (validation.read_inputs)
         self.valid_batches = None
-        if args.valid_data_path:
-            valid_ds = SFTDataset.from_jsonl(args.valid_data_path, self.tokenizer, args.seq_length, **fields)
+        if valid_ds is not None:
             it = SFTBatchIterator(valid_ds, args.micro_batch_size, num_shards=g.dp_size, shard_index=g.dp_rank,
                                   shuffle=False, drop_last=False, num_epochs=1, **pad)
             self.valid_batches = list(itertools.islice(it, args.eval_iters or None))
@@ -191,7 +188,7 @@ class FinetuneRecipe:
 
     def resume(self) -> None:
         args, g, cfg = self.args, self.groups, self.cfg
-        self.iteration = 0
+        self.iteration, self.resumed_from = 0, None
         self.meta = {"peft": args.peft, "dp_size": g.dp_size, "tp_size": g.tp_size, "pp_size": g.pp_size,
                      "virtual_ranks": self.slices, "rank": cfg.rank, "config": cfg.to_dict(),
                      "args": {k: v for k, v in vars(args).items()}}
@@ -203,6 +200,7 @@ class FinetuneRecipe:
         CHECKPOINT_FORMATS[fmt].check_compatible(read_meta(args.load), self.meta, args.load)
         restored = CHECKPOINT_FORMATS[fmt].load(self.checkpoint_state(), args.load)
         self.iteration = restored.iteration
+        self.resumed_from = Path(args.load) / f"iter_{self.iteration:07d}"  # never removed by --save-retain
         self.log(f"resumed at iteration {self.iteration} from {args.load} ({fmt}; {restored.note})")
 
     def checkpoint_state(self) -> TrainerState:
@@ -220,18 +218,14 @@ class FinetuneRecipe:
         step_loss = forward_backward(
             self.train_model, self.model, self.iterators, self.micro_per_slice, args.seq_length,
             args.micro_batch_size, self.groups, self.device, self.slices, self.ddp)
-        finite = _all_reduce(torch.tensor([1.0 if math.isfinite(step_loss[0].item()) else 0.0]), op=dist.ReduceOp.MIN)
-        if finite.item() == 0:
-            if args.nonfinite_loss == NONFINITE_STOP:
-                raise FloatingPointError(f"non-finite loss at iteration {self.iteration + 1} on some rank "
-                                         "(--nonfinite-loss stop); the weights of the last checkpoint are intact")
-            self.log(f"iteration {self.iteration + 1}: non-finite loss on some rank, step skipped on all ranks "
-                     "(--nonfinite-loss skip)")
-        else:
-            opt.step()
+        finite = all_reduce_(torch.tensor([1.0 if math.isfinite(step_loss[0].item()) else 0.0]), op=MIN)
+        opt.last_grad_norm = None  # a step skipped for its loss logs no norm, never the previous step's
+        if self.guard.loss_ok(self.iteration + 1, finite.item() != 0):
+            opt.step()  # refuses a non-finite update on every rank (optimizer.finite_guard)
+            self.guard.after_step(self.iteration + 1, opt)
         opt.zero_grad(set_to_none=True)
         self.iteration += 1
-        _all_reduce(step_loss, self.groups.dp_group)
+        all_reduce_(step_loss, self.groups.dp_group)
         return float(step_loss[0] / step_loss[1])
 
     def evaluate(self) -> float:
@@ -240,8 +234,18 @@ class FinetuneRecipe:
                                 self.args.micro_batch_size, self.groups, self.device)
 
     def save(self) -> None:
+        if self.args.peft == HD_PISSA:
+            self.optimizer.finish_param_gather()
+        masters = {f"master {i}": m.data for i, m in enumerate(getattr(self.optimizer, "masters", []))}
+        check_finite_weights({**dict(self.model.named_parameters()), **masters}, self.groups, self.iteration)
         path = CHECKPOINT_FORMATS[self.args.ckpt_format].save(self.checkpoint_state(), self.args.save)
         self.log(f"saved checkpoint {path} ({self.args.ckpt_format})")
+        if self.args.save_retain and self.rank0:  # the tracker names `path`: older ones may go
+            from megatron_hdpissa.checkpoint.atomic import prune_iterations
+
+            removed = prune_iterations(self.args.save, self.args.save_retain, keep=self.resumed_from)
+            if removed:
+                self.log(f"--save-retain {self.args.save_retain}: removed {', '.join(removed)}")
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -251,6 +255,7 @@ class FinetuneRecipe:
         others = self.optimizer.others_optimizer if args.peft == HD_PISSA else None
         r.update(iterations=self.train_iters, start=self.iteration, others_optimizer=type(others).__name__)
         self.logger = Logger(args, self.train_iters, self.iteration)
+        self.guard.log = self.logger.print  # the skip lines go where the step lines go
         try:
             if self.valid_batches is not None:
                 r["valid_loss_before"] = self._evaluate_and_log("held-out loss at iteration")
@@ -322,6 +327,7 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> None:
+    quiet_megatron_notices()
     from megatron_hdpissa.training.errors import run_cli
 
     run_cli(main, argv, shutdown, parse=parse_args)

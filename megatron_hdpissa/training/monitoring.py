@@ -9,6 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_hdpissa.distributed.collectives import MAX, all_reduce_, collective_device
+
 
 class Logger:
     """Rank-0 console lines, a progress bar, optional JSON lines and TensorBoard."""
@@ -97,7 +99,5 @@ class StopSignal:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce_(torch.tensor([1.0 if self.requested else 0.0], device=collective_device()), op=MAX)
         return bool(flag.item() > 0)

@@ -8,6 +8,9 @@ import functools
 import torch
 import torch.distributed as dist
 
+from megatron_hdpissa.distributed.collectives import all_reduce_, broadcast_
+from megatron_hdpissa.data.batches import attention_mask
+from megatron_hdpissa.models.output_positions import at_positions, logits_at, supervised_positions
 from megatron_hdpissa.peft.hd_pissa.model import active_slice
 from megatron_hdpissa.distributed.groups import ParallelGroups
 
@@ -25,24 +28,36 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, count.int(), reported
 
 
+def run_micro_batch(model, batch: dict, device, supervised_logits: bool = True):
+    """(per-token losses, their loss mask) of one micro-batch through the model. Packed rows get
+    their per-document causal mask (`data.batches.attention_mask`). With `supervised_logits` the
+    output layer and the cross-entropy run on the positions with a loss only
+    (`models.output_positions`): both `(1, n)`; else on every position: `(b, s)`. The same sums."""
+    mask = attention_mask(batch, device)
+    inputs = dict(input_ids=batch["tokens"].to(device), position_ids=batch["position_ids"].to(device),
+                  attention_mask=mask)
+    if not supervised_logits:
+        return model(labels=batch["labels"].to(device), **inputs), batch["loss_mask"].to(device)
+    positions = supervised_positions(batch["loss_mask"])
+    with logits_at(model, positions):
+        out = model(labels=at_positions(batch["labels"], positions).to(device), **inputs)
+    return out, at_positions(batch["loss_mask"], positions).to(device)
+
+
 def micro_batch_loss(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of masked token losses, number of loss tokens) of one micro-batch (PP = 1)."""
-    tokens = batch["tokens"].to(device)
-    per_token = model(input_ids=tokens, position_ids=batch["position_ids"].to(device), attention_mask=None,
-                      labels=batch["labels"].to(device))
-    mask = batch["loss_mask"].to(device)
+    per_token, mask = run_micro_batch(model, batch, device)
     return (per_token.float() * mask).sum(), mask.sum()
 
 
-def make_forward_step(device):
+def make_forward_step(device, supervised_logits: bool = True):
     """`forward_step_func(data_iterator, model)`: every stage reads the micro-batch (so all stages'
-    iterators stay in step); the first stage uses the tokens, the last the labels and mask."""
+    iterators stay in step); the first stage uses the tokens, the last the labels and mask.
+    `supervised_logits=False` computes the logits at every position (for comparison)."""
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        out = model(input_ids=batch["tokens"].to(device), position_ids=batch["position_ids"].to(device),
-                    attention_mask=None, labels=batch["labels"].to(device))
-        return out, functools.partial(loss_func, batch["loss_mask"].to(device))
+        out, loss_mask = run_micro_batch(model, next(data_iterator), device, supervised_logits)
+        return out, functools.partial(loss_func, loss_mask)
 
     return forward_step
 
@@ -63,7 +78,7 @@ def finalize_builtin_grads(model_chunks, num_tokens=None, pg_collection=None, fo
                   if p.requires_grad and p.grad is not None and getattr(p, "sequence_parallel", False)]
         if params:
             flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat, group=groups.tp_group)
+            all_reduce_(flat, groups.tp_group)
             off = 0
             for p in params:
                 p.grad.copy_(flat[off:off + p.grad.numel()].view_as(p.grad))
@@ -76,7 +91,7 @@ def finalize_builtin_grads(model_chunks, num_tokens=None, pg_collection=None, fo
             if weight is not None and weight.requires_grad:
                 if weight.grad is None:
                     weight.grad = torch.zeros_like(weight)
-                dist.all_reduce(weight.grad, group=group)
+                all_reduce_(weight.grad, group)
 
 
 def configure_schedule(train_model, groups: ParallelGroups, ddp=None, *, grad_scale_func=None,
@@ -101,7 +116,7 @@ def configure_schedule(train_model, groups: ParallelGroups, ddp=None, *, grad_sc
 
 def _from_last_stage(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     if groups.pp_size > 1:
-        dist.broadcast(t, src=dist.get_global_rank(groups.pp_group, groups.pp_size - 1), group=groups.pp_group)
+        broadcast_(t, dist.get_global_rank(groups.pp_group, groups.pp_size - 1), groups.pp_group)
     return t
 
 
@@ -118,7 +133,7 @@ def forward_backward(train_model, adapted_model, iterators, micro_per_slice: int
     schedule = get_forward_backward_func()
     config = get_model_config(train_model)
     finalize, no_sync = config.finalize_model_grads_func, config.no_sync_func
-    step_loss = torch.zeros(2, dtype=torch.float64)
+    step_loss = torch.zeros(2, dtype=torch.float64, device=device)  # summed on the device: no sync per micro-batch
     forward_step = make_forward_step(device)
     try:
         for v in range(slices):
@@ -133,7 +148,8 @@ def forward_backward(train_model, adapted_model, iterators, micro_per_slice: int
                                 num_microbatches=micro_per_slice, seq_length=seq_length,
                                 micro_batch_size=micro_batch_size, forward_only=False)
             for out in outs:
-                step_loss += torch.tensor([float(out["mean"]), 1.0], dtype=torch.float64)
+                step_loss[0] += out["mean"].detach().double()
+                step_loss[1] += 1
     finally:
         config.finalize_model_grads_func, config.no_sync_func = finalize, no_sync
     return _from_last_stage(step_loss, groups)
@@ -157,6 +173,6 @@ def evaluate_batches(train_model, batches: list, seq_length: int, micro_batch_si
             total += torch.stack([out["sum"].cpu(), out["count"].cpu()])
     _from_last_stage(total, groups)
     if groups.dp_size > 1:
-        dist.all_reduce(total, group=groups.dp_group)
+        all_reduce_(total, groups.dp_group)
     train_model.train(was_training)
     return float(total[0] / total[1].clamp(min=1))

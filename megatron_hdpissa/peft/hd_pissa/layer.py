@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_hdpissa.distributed.collectives import all_gather_flat_, all_reduce_, reduce_scatter_flat_
 from megatron_hdpissa.peft.common import COLUMN
 from megatron_hdpissa.peft.layout import Part
 
@@ -13,7 +14,7 @@ CHILD = "hd_pissa"  # the adapter's name under its base layer (state-dict prefix
 
 def _tp_all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+        all_reduce_(t, group)
     return t
 
 
@@ -22,13 +23,13 @@ def _tp_all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 # those row blocks (tokens x r), never on the tokens x hidden activations.
 def _seq_all_gather(t: torch.Tensor, group, tp_size: int) -> torch.Tensor:
     out = t.new_empty((t.shape[0] * tp_size, *t.shape[1:]))
-    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    all_gather_flat_(out, t, group)
     return out
 
 
 def _seq_reduce_scatter(t: torch.Tensor, group, tp_size: int) -> torch.Tensor:
     out = t.new_empty((t.shape[0] // tp_size, *t.shape[1:]))
-    dist.reduce_scatter_tensor(out, t.contiguous(), group=group)
+    reduce_scatter_flat_(out, t, group)
     return out
 
 
