@@ -186,3 +186,16 @@ def test_poisoned_lr_never_reaches_weights_or_checkpoints(material, tmp_path):
     first = torch.load(skip / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)["model"]
     for k, v in weights.items():  # no step was taken: the two checkpoints hold the same weights
         assert torch.equal(v, first[k]), k
+
+
+def test_a_step_skipped_for_its_loss_logs_no_stale_norm(material, tmp_path):
+    """LoRA at --lr 1e30: step 1 is finite (weights near 1e30), step 2's loss is not. Skipped for
+    its loss, step 2 must log no gradient norm rather than step 1's."""
+    log = tmp_path / "lora.jsonl"
+    msg = run_distributed(expect_error, 2, args=(argv(material, **{
+        "--peft": "lora", "--lr": 1e30, "--train-iters": 4, "--nonfinite-loss": "skip",
+        "--max-skipped-steps": 2, "--log-json": log, "--log-interval": 1}),))[0]
+    assert "consecutive steps skipped" in msg, msg
+    rows = _read_log(log)
+    assert math.isfinite(rows[0]["grad_norm"]), rows
+    assert len(rows) >= 2 and all("grad_norm" not in row for row in rows[1:]), rows  # no norm logged
