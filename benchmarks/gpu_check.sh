@@ -344,23 +344,15 @@ mlm = [l.strip() for l in (read(os.path.join(out, "trainer.log")) or "").splitli
        if re.search(r"iteration\s+\d+/\s*\d+ \|.*lm loss", l)]
 combined["megatron_lm_loss_lines"] = mlm
 for key, title in (("trainer", "gpu_trainer_check.py: the trainer end to end (save, resume), one device"),
-                   ("megatron_lm", "Megatron-LM's own loop (examples/megatron_lm), --mock-data")):
-    if key == "megatron_lm":
-        md += ["", f"## {title}", ""] + ([f"    {l}" for l in mlm] or ["(no `lm loss` lines: see trainer.log)"])
-        continue
-    text = read(os.path.join(work, f"{key}.md"))
-    md += ["", f"## {title}", "", text.strip() if text else f"(no output: see {key}.log)"]
-    raw = read(os.path.join(work, f"{key}.json"))
-    if raw:
-        try:
-            combined[key] = json.loads(raw)
-        except ValueError as exc:
-            combined[key] = {"error": f"unreadable JSON: {exc}"}
-for key, title in (("step", "bench_step.py: one optimizer step, LLaMA-7B layer shapes"),
+                   ("megatron_lm", "Megatron-LM's own loop (examples/megatron_lm), --mock-data"),
+                   ("step", "bench_step.py: one optimizer step, LLaMA-7B layer shapes"),
                    ("decompose", "bench_decompose.py: randomized vs exact decomposition, LLaMA-7B shapes"),
                    ("dist", "bench_dist.py: real data parallelism (one process per rank)")):
-    text = read(os.path.join(work, f"{key}.md"))
     md += ["", f"## {title}", ""]
+    if key == "megatron_lm":
+        md += [f"    {l}" for l in mlm] or ["(no `lm loss` lines: see trainer.log)"]
+        continue
+    text = read(os.path.join(work, f"{key}.md"))
     md += [text.strip() if text else f"(no output: see {key}.log)"]
     raw = read(os.path.join(work, f"{key}.json"))
     if raw:

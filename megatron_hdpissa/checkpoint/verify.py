@@ -61,21 +61,25 @@ def nonfinite_message(where, key: str, bad: int, total: int) -> str:
             "is corrupt or was written from diverged weights; refusing to load it")
 
 
-def root_failure(exc: BaseException) -> BaseException:
-    """The innermost error behind `exc`: through torch.distributed.checkpoint's
+def failure_chain(exc: BaseException):
+    """`exc` and the errors behind it, outermost first: through torch.distributed.checkpoint's
     `CheckpointException` (the lowest failing rank's error) and `__cause__` / `__context__`."""
     seen = set()
-    while id(exc) not in seen:
+    while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        yield exc
         failures = getattr(exc, "failures", None)
         if isinstance(failures, dict) and failures:
             inner = failures[min(failures)]
             exc = inner[0] if isinstance(inner, tuple) else inner
-            continue
-        nxt = exc.__cause__ or exc.__context__
-        if nxt is None:
-            break
-        exc = nxt
+        else:
+            exc = exc.__cause__ or exc.__context__
+
+
+def root_failure(exc: BaseException) -> BaseException:
+    """The innermost error behind `exc` (the end of `failure_chain`)."""
+    for exc in failure_chain(exc):
+        pass
     return exc
 
 
@@ -98,18 +102,9 @@ def read_failure(path, exc: BaseException) -> CheckpointReadError:
 def os_cause(exc: BaseException, folder) -> str:
     """The OS cause of a failed write into `folder`: the OSError behind `exc` if there is one;
     else (torch's zip writer reports a short write as `unexpected pos`) the filesystem's state."""
-    e: Optional[BaseException] = exc
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in failure_chain(exc):
         if isinstance(e, OSError) and e.errno:
             return os.strerror(e.errno) + (f" ({e.filename})" if e.filename else "")
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict) and failures:
-            inner = failures[min(failures)]
-            e = inner[0] if isinstance(inner, tuple) else inner
-            continue
-        e = e.__cause__ or e.__context__
     probe = Path(folder)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

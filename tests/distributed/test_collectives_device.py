@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.helpers.hf_models import tiny_llama_with_smollm2_tokenizer
+from tests.helpers.hf_models import tiny_trainer_material
 from tests.helpers.trainer import finetune_main
 
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_hdpissa"
@@ -199,18 +199,10 @@ def _trainer_under_fake_nccl(argv):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.gsm8k import split_gsm8k
-    from megatron_hdpissa.data.sft import write_jsonl
-
-    root = tmp_path_factory.mktemp("fake_nccl")
-    hf = tiny_llama_with_smollm2_tokenizer(
-        root / "hf", smollm2_hf_dir, seed=3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    m = tiny_trainer_material(
+        tmp_path_factory.mktemp("fake_nccl"), smollm2_hf_dir, gsm8k_path, seed=3, ckpt_format="torch_dist",
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.05)
-    base = convert_hf_to_megatron(hf, root / "base", progress=False, ckpt_format="torch_dist")
-    train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
-    write_jsonl(train[:64], str(root / "train.jsonl"))
-    return root, base
+    return m["root"], m["base"]
 
 
 @pytest.mark.parametrize("layout", [

@@ -35,3 +35,27 @@ def tiny_llama_with_smollm2_tokenizer(path, smollm2_hf_dir, seed: int, **config)
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
             shutil.copy2(f, Path(hf) / f.name)
     return Path(hf)
+
+
+def tiny_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_train: int = 64,
+                          num_heldout: int = 0, ckpt_format: str | None = None, **config) -> dict:
+    """What a trainer test runs on: a tiny random LLaMA with SmolLM2's tokenizer (`config`: hidden
+    size, heads, ...; 2 layers, hidden 64, FFN 128 unless given) converted to a TP=1 Megatron
+    checkpoint in `root / "base"`, and the first GSM8K training (and held-out) rows as JSONL.
+    Returns {"root", "hf", "base", "train"[, "heldout"]}."""
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
+
+    root = Path(root)
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, **config}
+    hf = tiny_llama_with_smollm2_tokenizer(root / "hf", smollm2_hf_dir, seed=seed, **config)
+    fmt = {} if ckpt_format is None else {"ckpt_format": ckpt_format}
+    base = convert_hf_to_megatron(hf, root / "base", progress=False, **fmt)
+    train, heldout = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
+    write_jsonl(train[:num_train], str(root / "train.jsonl"))
+    out = {"root": root, "hf": hf, "base": base, "train": root / "train.jsonl"}
+    if num_heldout:
+        write_jsonl(heldout[:num_heldout], str(root / "heldout.jsonl"))
+        out["heldout"] = root / "heldout.jsonl"
+    return out

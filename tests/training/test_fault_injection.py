@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.helpers.hf_models import tiny_llama_with_smollm2_tokenizer
+from tests.helpers.hf_models import tiny_trainer_material
 from tests.helpers.trainer import finetune_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,17 +27,9 @@ WHERE = ("forward", "aggregate", "save")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
-    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.gsm8k import split_gsm8k
-    from megatron_hdpissa.data.sft import write_jsonl
-
-    root = tmp_path_factory.mktemp("faults")
-    hf = tiny_llama_with_smollm2_tokenizer(root / "hf", smollm2_hf_dir, seed=5, hidden_size=64, intermediate_size=96,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    base = convert_hf_to_megatron(hf, root / "base", progress=False)
-    train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
-    write_jsonl(train[:64], str(root / "train.jsonl"))
-    m = {"root": root, "base": base, "train": root / "train.jsonl"}
+    m = tiny_trainer_material(tmp_path_factory.mktemp("faults"), smollm2_hf_dir, gsm8k_path, seed=5,
+                              intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    root = m["root"]
     run_distributed(finetune_main, 2, 1, args=(argv(m, root / "full"),))
     m["full"] = _final(root / "full")
     return m

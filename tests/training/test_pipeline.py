@@ -11,26 +11,19 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.helpers.hf_models import tiny_llama_with_smollm2_tokenizer
+from tests.helpers.hf_models import tiny_trainer_material
 from tests.helpers.trainer import expect_error, expect_errors, finetune_main
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_hf_dir, gsm8k_path):
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
-    from megatron_hdpissa.data.gsm8k import split_gsm8k
-    from megatron_hdpissa.data.sft import write_jsonl
 
-    root = tmp_path_factory.mktemp("pp")
-    hf = tiny_llama_with_smollm2_tokenizer(
-        root / "hf", smollm2_hf_dir, seed=11, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    m = tiny_trainer_material(
+        tmp_path_factory.mktemp("pp"), smollm2_hf_dir, gsm8k_path, seed=11, num_train=48, num_heldout=6,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.05)
-    base = convert_hf_to_megatron(hf, root / "base", tp_size=1, progress=False)
-    base_tp2 = convert_hf_to_megatron(hf, root / "base_tp2", tp_size=2, progress=False)
-    train, heldout = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
-    write_jsonl(train[:48], str(root / "train.jsonl"))
-    write_jsonl(heldout[:6], str(root / "heldout.jsonl"))
-    return {"root": root, "hf": hf, "base": base, "base_tp2": base_tp2, "train": root / "train.jsonl", "heldout": root / "heldout.jsonl"}
+    m["base_tp2"] = convert_hf_to_megatron(m["hf"], m["root"] / "base_tp2", tp_size=2, progress=False)
+    return m
 
 
 def _argv(m, run: str, **over):
