@@ -12,7 +12,8 @@
 #              sharded-fp32 masters, HD-PiSSA with 4 virtual ranks and LoRA, a torch_dist save, a
 #              resume compared with the uninterrupted run; tokens/s, peak memory
 #   megatron-lm  examples/megatron_lm/pretrain_gpt_hdpissa.py: Megatron-LM's own loop on
-#              --mock-data, small GPT, bf16 (skipped where megatron.training does not import)
+#              --mock-data, small GPT, bf16 (skipped where megatron.training does not import, and
+#              without CUDA: pretrain() needs it, see benchmarks/GPU.md)
 #   tests      pytest -x on tests/device/test_cuda.py and any test named or marked for cuda/gpu/nccl:
 #              NCCL, megatron-core DDP and its mixed-precision optimizer on the GPU
 #   step       bench_step.py at LLaMA-7B layer shapes, bf16, one layer, 8192 tokens per step
@@ -28,7 +29,8 @@
 # "trainer megatron-lm tests step decompose dist tests-cpu"), GPU_CHECK_MATERIAL (tokenizer + JSONL
 # folder, default .gpu: `python benchmarks/gpu_trainer_check.py --prepare .gpu` here; the dry run
 # prepares it itself), GPU_CHECK_TRAINER_METHODS (hd-pissa,lora), GPU_CHECK_MLM_ARGS (replaces the
-# megatron-lm stage's model/data flags), GPU_CHECK_SITE (wheel install target, /tmp/site),
+# megatron-lm stage's model/data flags), GPU_CHECK_WHEELS (wheel folder, .whl), GPU_CHECK_SITE
+# (wheel install target, /tmp/site),
 # GPU_CHECK_PYTEST_K (a pytest -k filter), GPU_CHECK_STEP_METHODS / GPU_CHECK_DIST_METHODS
 # (--methods for bench_step / bench_dist; default: their full lists on the GPU).
 set -u
@@ -59,24 +61,53 @@ done
 note() { echo "gpu_check: $*" | tee -a "$ENV_TXT"; }
 
 # ---- wheels -> $SITE; PYTHONPATH ------------------------------------------------------------
-shopt -s nullglob
-WHEELS=(.whl/*.whl)
-shopt -u nullglob
-if [ ${#WHEELS[@]} -eq 0 ]; then
-    if [ "$DRY" = 1 ] && "$PY" -c "import megatron.core" 2>/dev/null; then
-        note "no .whl/ wheels; dry run uses the megatron-core already installed for $PY"
-    else
-        note "ERROR: no wheels in .whl/ — run \`make gpu-wheels\` here and carry .whl (device tool: carry [\".whl\"])"
-        exit 3
+# megatron.training's initialize_megatron runs `make -C <site>/megatron/core/datasets` on rank 0
+# and exits when make fails (_compile_dependencies: megatron/training/initialize.py:155 and
+# megatron/core/datasets/utils.py:25 in 0.19.2). The wheel ships that extension prebuilt
+# (helpers_cpp*.so) but not the Makefile, so make stops at "no makefile found". Write one whose
+# only target checks that the prebuilt extension is there: nothing is built. Where make itself
+# is missing, a stand-in `make` (used by the megatron-lm stage only) does the same check.
+MLM_PATH=$PATH
+helpers_makefile() {  # SITE
+    local ds=$1/megatron/core/datasets
+    [ -d "$ds" ] || return 0
+    if [ ! -e "$ds/Makefile" ]; then
+        printf '%s\n' "# written by benchmarks/gpu_check.sh: the wheel ships helpers_cpp prebuilt; nothing to build" \
+            "default:" $'\t@ls helpers_cpp*.so >/dev/null' >"$ds/Makefile"
+        note "wrote $ds/Makefile (the wheel lacks it; megatron.training runs make there)"
     fi
-else
+    if ! command -v make >/dev/null; then
+        mkdir -p "$WORK/bin"
+        printf '%s\n' '#!/bin/sh' "# gpu_check.sh stand-in for make, absent here: megatron.training's" \
+            "# _compile_dependencies runs make -C on the wheel's datasets folder; nothing to build there" \
+            '[ "$1" = -C ] && ls "$2"/helpers_cpp*.so >/dev/null' >"$WORK/bin/make"
+        chmod +x "$WORK/bin/make"
+        MLM_PATH=$WORK/bin:$PATH
+        note "no make on this machine: the megatron-lm stage gets a stand-in that checks for the prebuilt helpers"
+    fi
+}
+WHEEL_DIR=${GPU_CHECK_WHEELS:-.whl}
+shopt -s nullglob
+WHEELS=("$WHEEL_DIR"/*.whl)
+shopt -u nullglob
+if [ ${#WHEELS[@]} -gt 0 ]; then
     note "installing ${#WHEELS[@]} wheel(s) into $SITE: ${WHEELS[*]}"
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$SITE" "${WHEELS[@]}" >>"$ENV_TXT" 2>&1; then
+        export PYTHONPATH=$SITE
+        helpers_makefile "$SITE"
+    elif [ "$DRY" = 1 ] && "$PY" -c "import megatron.core" 2>/dev/null; then
+        # e.g. the cp312 megatron-core wheel and this machine's Python 3.11 .venv
+        note "the $WHEEL_DIR/ wheels do not install for $PY (see above); dry run uses the megatron-core already installed for it"
+    else
         note "ERROR: installing the carried wheels failed (see above)"
         exit 3
     fi
-    export PYTHONPATH=$SITE
+elif [ "$DRY" = 1 ] && "$PY" -c "import megatron.core" 2>/dev/null; then
+    note "no $WHEEL_DIR/ wheels; dry run uses the megatron-core already installed for $PY"
+else
+    note "ERROR: no wheels in $WHEEL_DIR/ — run \`make gpu-wheels\` here and carry .whl (device tool: carry [\".whl\"])"
+    exit 3
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
 
@@ -92,6 +123,7 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
     else
         echo "(no nvidia-smi)"
     fi
+    echo "--- make: $(command -v make || echo 'absent (megatron.training runs make; see helpers_makefile)')"
     echo "--- cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2)"
     echo "--- python packages"
     "$PY" - <<'EOF' 2>&1
@@ -101,7 +133,7 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 for name in ("megatron.core", "megatron_hdpissa", "transformers", "numpy", "safetensors",
-             "sentencepiece", "google.protobuf", "tqdm", "packaging", "einops"):
+             "sentencepiece", "google.protobuf", "tqdm", "packaging", "einops", "triton"):
     try:
         m = importlib.import_module(name)
         print(f"{name} {getattr(m, '__version__', '?')} {getattr(m, '__file__', '')}")
@@ -225,12 +257,17 @@ stage_megatron_lm() {  # Megatron-LM's own training loop with the plug-in (helpe
     if [ ! -f "$script" ]; then why="$script does not exist"
     elif ! "$PY" -c "import megatron.training" >/dev/null 2>&1; then
         why="megatron.training does not import here (it ships in megatron-core >= 0.17 wheels)"
+    elif ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >/dev/null 2>&1; then
+        # no flag avoids these; found on the CPU (benchmarks/GPU.md, 'The megatron-lm stage on a CPU')
+        why="no CUDA: megatron.training.pretrain needs a GPU (0.19.2: training.py:1091 calls initialize_megatron"
+        why+=" without allow_no_cuda, so initialize.py:66 asserts CUDA; initialize.py:357 builds the"
+        why+=" model-parallel groups only with a GPU; initialize.py:508 warms up the JIT functions on cuda)"
     fi
     if [ -n "$why" ]; then
         echo "=== megatron-lm: skipped: $why" | tee -a "$OUT/trainer.log"
         printf 'megatron-lm\tskipped (%s)\t0\t-\n' "$why" >>"$WORK/stages.tsv"; return
     fi
-    CUDA_DEVICE_MAX_CONNECTIONS=1 run_stage megatron-lm "$CAP_MLM" trainer.log "${TORCHRUN[@]}" "$script" \
+    PATH=$MLM_PATH CUDA_DEVICE_MAX_CONNECTIONS=1 run_stage megatron-lm "$CAP_MLM" trainer.log "${TORCHRUN[@]}" "$script" \
         "${MLM_ARGS[@]}" "${MLM_BACKEND[@]}"
 }
 
