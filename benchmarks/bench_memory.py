@@ -15,6 +15,13 @@ input for the factor gradients, as full fine-tuning does for the weight gradient
 
     .venv/bin/python benchmarks/bench_memory.py                       # LLaMA-shaped, TP=2
     .venv/bin/python benchmarks/bench_memory.py --shape smollm2 --tp 3 --seq 384 1536 --methods base hd-pissa
+    # attention memory against s: SDPA core attention vs megatron-core's DotProductAttention (s x s scores)
+    .venv/bin/python benchmarks/bench_memory.py --shape smollm2 --layers 2 --tp 1 --seq 512 1024 2048 \
+        --methods hd-pissa --sp off --recompute none --attention-backends sdpa local
+
+The "KiB / token" column is the peak over the sequence length: flat in s where attention keeps
+O(s) per layer (SDPA's fused kernel saves q, k, v, the output and a log-sum-exp), growing with s
+where it keeps the s x s probabilities (`local`).
 """
 from __future__ import annotations
 
@@ -100,13 +107,16 @@ def _model_config(shape: str, seq: int):
     return ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
-def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: int) -> dict:
+def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: int, backend: str = "sdpa",
+            layers: int | None = None) -> dict:
     from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
     from megatron_hdpissa.models.gpt import build_gpt_model
 
     config = _model_config(shape, seq)
+    if layers:
+        config.num_layers = layers
     overrides = {"sequence_parallel": sp, **RECOMPUTE[recompute]}
-    model = build_gpt_model(config, seed=1234, **overrides)
+    model = build_gpt_model(config, seed=1234, attention_backend=backend, **overrides)
     for p in model.parameters():
         p.requires_grad_(method == "full")
     cfg = HDPiSSAConfig(rank=16, svd_method="randomized")
@@ -128,11 +138,12 @@ def measure(shape: str, method: str, seq: int, sp: bool, recompute: str, rank: i
         after_forward = meter.live
         loss.backward()
         del loss
-    return {"shape": shape, "method": method, "seq": seq, "sp": sp, "recompute": recompute,
+    return {"shape": shape, "method": method, "seq": seq, "sp": sp, "recompute": recompute, "backend": backend,
             "peak_mib": meter.peak / 2 ** 20, "after_forward_mib": after_forward / 2 ** 20}
 
 
-def _worker(rank, world, tp, port, shape, seqs, methods, out_dir):
+def _worker(rank, world, tp, port, shape, seqs, methods, out_dir, backends=("sdpa",), sps=(False, True),
+            recomputes=tuple(RECOMPUTE), layers=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -142,12 +153,13 @@ def _worker(rank, world, tp, port, shape, seqs, methods, out_dir):
     rows = []
     for seq in seqs:
         for method in methods:
-            for sp in (False, True):
-                for recompute in RECOMPUTE:
-                    rows.append(measure(shape, method, seq, sp, recompute, rank))
-                    if rank == 0:
-                        print(f"  seq {seq:5d} {method:9s} SP {'on ' if sp else 'off'} recompute "
-                              f"{recompute:9s}: peak {rows[-1]['peak_mib']:8.1f} MiB", flush=True)
+            for backend in backends:
+                for sp in sps:
+                    for recompute in recomputes:
+                        rows.append(measure(shape, method, seq, sp, recompute, rank, backend, layers))
+                        if rank == 0:
+                            print(f"  seq {seq:5d} {method:9s} {backend:5s} SP {'on ' if sp else 'off'} recompute "
+                                  f"{recompute:9s}: peak {rows[-1]['peak_mib']:8.1f} MiB", flush=True)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
     distributed.shutdown()
@@ -155,14 +167,16 @@ def _worker(rank, world, tp, port, shape, seqs, methods, out_dir):
 
 def table(rows_by_rank: list, tp: int) -> str:
     rank0 = rows_by_rank[0]
-    lines = ["| seq | method | SP | recompute | peak MiB / rank | x (base, no SP, no recompute) |",
-             "|---:|---|---|---|---:|---:|"]
+    lines = ["| seq | method | attention | SP | recompute | peak MiB / rank | KiB / token | x (base, no SP, no recompute) |",
+             "|---:|---|---|---|---|---:|---:|---:|"]
     for r in rank0:
-        ref = next(x for x in rank0 if x["seq"] == r["seq"] and x["method"] == "base"
-                   and not x["sp"] and x["recompute"] == "none")
+        backend = r.get("backend", "sdpa")
+        refs = [x for x in rank0 if x["seq"] == r["seq"] and x["method"] == "base" and x.get("backend", "sdpa") == backend
+                and not x["sp"] and x["recompute"] == "none"]
         worst = max(rr[rank0.index(r)]["peak_mib"] for rr in rows_by_rank)  # the busiest TP rank
-        lines.append(f"| {r['seq']} | {r['method']} | {'on' if r['sp'] else 'off'} | "
-                     f"{r['recompute']} | {worst:.1f} | {worst / ref['peak_mib']:.2f} |")
+        ratio = f"{worst / refs[0]['peak_mib']:.2f}" if refs else "-"
+        lines.append(f"| {r['seq']} | {r['method']} | {backend} | {'on' if r['sp'] else 'off'} | "
+                     f"{r['recompute']} | {worst:.1f} | {worst * 1024 / r['seq']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -172,6 +186,11 @@ def main(argv=None):
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--attention-backends", nargs="+", default=["sdpa"], choices=["sdpa", "local"],
+                   help="core attention: SDPA (the default) and / or megatron-core's DotProductAttention")
+    p.add_argument("--sp", nargs="+", default=["off", "on"], choices=["off", "on"], help="sequence parallelism")
+    p.add_argument("--recompute", nargs="+", default=list(RECOMPUTE), choices=list(RECOMPUTE))
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a quick run)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from megatron_hdpissa.distributed.groups import free_port
@@ -180,8 +199,9 @@ def main(argv=None):
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, TP={args.tp} ({'gloo' if not torch.cuda.is_available() else 'nccl'})")
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(args.tp, args.tp, free_port(), args.shape, args.seq,
-                                          args.methods, out), nprocs=args.tp, start_method="spawn")
+        mp.start_processes(_worker, args=(args.tp, args.tp, free_port(), args.shape, args.seq, args.methods, out,
+                                          args.attention_backends, [x == "on" for x in args.sp], args.recompute,
+                                          args.layers), nprocs=args.tp, start_method="spawn")
         rows = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(args.tp)]
     print(table(rows, args.tp))
     if args.json:

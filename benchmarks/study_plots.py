@@ -17,7 +17,7 @@ def plot_all(study: dict, out: Path) -> None:
     plot_sweep(a, Path(out) / "lr_sweep.png")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +30,7 @@ def plot_forgetting(a: dict, path: Path) -> Path:
     """Learning vs forgetting in the style of Biderman et al. (2024): one point per GSM8K run
     (every LR of every method), x = GSM8K validation loss, y = Botchan loss; both axes inverted so
     up and right are better; the base model is the star."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for c, (m, p) in enumerate(a["per_method"].items()):
@@ -51,11 +51,11 @@ def plot_forgetting(a: dict, path: Path) -> Path:
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(a: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_v, ax_b) = plt.subplots(1, 2, figsize=(9, 3.4))
     for m, p in a["per_method"].items():
         rows = [r for r in p["sweep"] if r["val"] is not None]
@@ -71,10 +71,10 @@ def plot_sweep(a: dict, path: Path) -> Path:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class Study:
     """Paths, material and bookkeeping shared by the stages; `log` prints one progress line."""
 
-    def __init__(self, args):
+    def __init__(self, args, estimate: dict | None = None, folder: str = "study"):
         from megatron_hdpissa.data.material import cache_dir
 
         self.args = args
-        self.out = Path(args.out) if args.out else cache_dir() / "study"
+        self.out = Path(args.out) if args.out else cache_dir() / folder
         self.cache = cache_dir()
         self.t0 = time.time()
-        self.estimate = study_budget.estimate(args)
+        self.estimate = estimate if estimate is not None else study_budget.estimate(args)
         self.runs_done, self.runs_reused = 0, 0
         # sweeps (half the methods widened once), second seeds, facts
         self.planned_runs = round(len(args.methods) * (args.lrs + 0.5 + 2))
@@ -51,7 +51,8 @@ class Study:
 def prepare(st: Study) -> None:
     """The HF model and its Megatron conversion, the GSM8K parts, the facts, the Botchan windows."""
     from benchmarks import study_data
-    from megatron_hdpissa.convert.hf_megatron import TRACKER_FILE, convert_hf_to_megatron
+    from megatron_hdpissa.checkpoint.atomic import TRACKER_FILE
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
     from megatron_hdpissa.data.sft import SFTDataset, SFTExample, write_jsonl
     from megatron_hdpissa.data.material import gsm8k_test_path, smollm2_hf_dir
     from megatron_hdpissa.data.tokenizer import HuggingFaceTokenizer
@@ -112,6 +113,9 @@ def evaluate(st: Study, hf_dir: Path, cache: Path, keys: tuple[str, ...], label:
         elif key == "facts":
             flags = study_eval.recall_flags(model, st.facts)
             done[key] = {**sm.proportion(flags), "flags": flags}
+        elif key == "facts_loss":  # per fact: answer-token loss sum and count
+            sums, counts = study_eval.sft_losses(model, st.facts, a.eval_batch)
+            done[key] = {"mean": sm.token_mean(sums, counts), "sums": sums, "counts": counts}
         elif key == "em":
             ids = study_eval.greedy_generate(model, st.em_prompts, a.max_new_tokens, st.tok.eos_id,
                                              st.tok.pad_id, a.gen_batch)
@@ -155,11 +159,11 @@ def finetune_command(st: Study, task: str, method: str, lr: float, seed: int, ru
     return cmd
 
 
-def launch(st: Study, cmd: list[str]) -> list[str]:
+def launch(st: Study, cmd: list[str], entry: str = "megatron_hdpissa.finetune", nproc: int | None = None) -> list[str]:
     from megatron_hdpissa.distributed.groups import free_port
 
-    head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(st.args.nproc),
-            "--master-port", str(free_port()), "-m", "megatron_hdpissa.finetune"]
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc or st.args.nproc),
+            "--master-port", str(free_port()), "-m", entry]
     return head + cmd
 
 
@@ -167,13 +171,16 @@ _TRAINABLE = re.compile(r"([0-9.]+)M trainable parameters per rank")
 
 
 def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tuple[str, ...],
-              curves: bool = False) -> dict:
-    """Train (or reuse) one run, then evaluate its export on `keys`; returns its record."""
+              curves: bool = False, command=None, name: str | None = None, entry: str = "megatron_hdpissa.finetune",
+              nproc: int | None = None) -> dict:
+    """Train (or reuse) one run, then evaluate its export on `keys`; returns its record. `command`
+    (a function of the run folder) replaces the trainer command of `task`; `entry` is the module
+    torchrun starts, `nproc` its process count (default --nproc)."""
     from tools.plotting import read_log_json
 
-    name = run_name(task, method, lr, seed)
+    name = name or run_name(task, method, lr, seed)
     run = st.out / "runs" / name
-    cmd = finetune_command(st, task, method, lr, seed, run, curves)
+    cmd = command(run) if command else finetune_command(st, task, method, lr, seed, run, curves)
     done_file = run / "done.json"
     rec = json.loads(done_file.read_text()) if st.args.reuse and done_file.is_file() else None
     if rec is not None and rec["args"] != cmd:
@@ -184,8 +191,8 @@ def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tup
     if rec is None:
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(parents=True)
-        full = launch(st, cmd)
-        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // st.args.nproc)),
+        full = launch(st, cmd, entry, nproc)
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // (nproc or st.args.nproc))),
                    PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         t = time.time()
         with open(run / "stdout.log", "w") as f:

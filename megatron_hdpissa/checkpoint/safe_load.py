@@ -108,13 +108,106 @@ def dcp_where(iter_dir, key: str) -> str:
     return ", ".join(str(Path(iter_dir) / f) for f in files) or str(iter_dir)
 
 
-def _load_weights_only(path, what: str):
+# What Megatron-LM / Megatron-Bridge put into a checkpoint's pickled state besides tensors and
+# plain values: `args` (an argparse.Namespace whose values include paths, a signal, megatron-core
+# enums and, with --use-dist-ckpt optimizers, an OptimizerConfig dataclass), the NumPy RNG state
+# (legacy files) and TransformerEngine's `_extra_state` (BytesIO in older TE). The same set
+# megatron-core 0.16.1 registers (megatron/core/safe_globals.py), named here so the allow-list does
+# not depend on whether or which megatron-core was imported. Every one is rebuilt from plain data
+# (a constructor call with plain arguments, an enum lookup, or `__dict__` filled in); nothing here
+# runs code. Globals of torch, collections, builtins and _codecs are left to torch's own
+# weights_only rules; anything else is refused before unpickling.
+MEGATRON_LM_GLOBALS = (
+    "argparse.Namespace", "types.SimpleNamespace", "pathlib.PosixPath", "signal.Signals", "_io.BytesIO",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+    "numpy.dtype", "numpy.dtypes.UInt32DType",
+    "megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend",
+    "megatron.core.transformer.enums.CudaGraphScope", "megatron.core.optimizer.optimizer_config.OptimizerConfig",
+    "megatron.core.rerun_state_machine.RerunDiagnostic", "megatron.core.rerun_state_machine.RerunMode",
+    "megatron.core.rerun_state_machine.RerunState",
+)
+_TORCH_JUDGED_MODULES = ("torch", "collections", "builtins", "__builtin__", "_codecs")
+
+
+def pickled_globals(path) -> list[str]:
+    """`module.name` of every class / function a `torch.save` archive's pickle refers to, read
+    statically (pickletools; nothing is unpickled)."""
+    import pickletools
+    import zipfile
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            if name is None:
+                raise ValueError(f"{path} holds no data.pkl: not a torch.save archive")
+            data = archive.read(name)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a torch.save zip archive") from None
+    found = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(".".join(arg.split(" ", 1)))
+            elif op.name == "STACK_GLOBAL":  # torch.save writes protocol 2: never this opcode
+                found.append("<a STACK_GLOBAL reference>")
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle: named with the file
+        raise ValueError(f"{path}: unreadable pickle: {e}") from None
+    return found
+
+
+def _allowed_global(name: str):
+    """The object `name` (one of MEGATRON_LM_GLOBALS) refers to, imported; None when its module
+    or attribute does not exist in this environment."""
+    import importlib
+
+    import warnings
+
+    module, _, attr = name.rpartition(".")
+    try:
+        with warnings.catch_warnings():  # numpy 2: numpy.core is numpy._core's deprecated alias
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _load_weights_only(path, what: str, *, mmap: bool = False):
+    """`torch.load(weights_only=True)` of `path` with MEGATRON_LM_GLOBALS allowed, after refusing
+    (one line naming the file and the global) any other non-torch global its pickle refers to."""
+    try:
+        refs = pickled_globals(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {path} with torch.load(weights_only=True): {e}") from None
+    refused = sorted({r for r in refs if r not in MEGATRON_LM_GLOBALS
+                      and r.split(".", 1)[0] not in _TORCH_JUDGED_MODULES})
+    if refused:
+        raise ValueError(
+            f"cannot read {what} {path} with torch.load(weights_only=True): it refers to "
+            f"{', '.join(refused[:3])}, which a Megatron checkpoint never holds (allowed besides "
+            "tensors and plain values: argparse.Namespace and the plain types in Megatron-LM's "
+            "args); refusing to unpickle it")
+    # the classes BUILD fills in need not appear as globals (numpy's dtype classes do not): every
+    # allowed name is resolved, megatron-core's only when referenced (importing it is slow)
+    names = [n for n in MEGATRON_LM_GLOBALS if not n.startswith("megatron.") or n in refs]
+    allowed = [(obj, name) for name in names if (obj := _allowed_global(name)) is not None]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"cannot read {what} {path} with torch.load(weights_only=True): {e}") from e
+
+
+def load_megatron_lm_file(path, what: str = "checkpoint file") -> dict:
+    """A Megatron-LM / Megatron-Bridge `torch.save` file (a legacy `model_optim_rng.pt`, memory-mapped)
+    read with the allow-list: tensors, plain values, `args` as an argparse.Namespace."""
+    state = _load_weights_only(path, what, mmap=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds {type(state).__name__}, not a dict")
+    return state
 
 
 def load_common_state(iter_dir) -> dict:

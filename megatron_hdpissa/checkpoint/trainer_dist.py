@@ -75,6 +75,9 @@ def factor_specs(model) -> list[FactorSpec]:
     out = []
     for prefix, adapters, sliced in (("hd_pissa", iter_adapters(model), True), ("lora", iter_lowrank(model), False)):
         for name, module, ad in adapters:
+            if getattr(ad, "expert_groups", None) is not None:  # keyed by local expert, slices not in K order
+                raise ValueError(f"{name}: torch_dist checkpoints of HD-PiSSA expert adapters are not implemented "
+                                 "yet (--ckpt-format torch keeps them at --expert-model-parallel-size 1 only)")
             layer = global_layer_name(model, name)
             column = ad.kind == COLUMN
             for part in ad.parts:

@@ -118,9 +118,14 @@ def write_meta(iter_dir: Path, meta: dict) -> None:
     (Path(iter_dir) / STATE_DIR / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def copy_base_files(save_dir: Path, base_dir: Optional[Path]) -> None:
-    """model_config.json and tokenizer/ of the base next to the run's iterations (once)."""
+def copy_base_files(save_dir: Path, base_dir) -> None:
+    """model_config.json and tokenizer/ of the base next to the run's iterations (once). `base_dir`:
+    a converted checkpoint folder, or an object that writes them (`write_files(dst)`:
+    convert.pretrained.PretrainedBase, e.g. a Megatron-LM checkpoint or an HF folder)."""
     if base_dir is None:
+        return
+    if hasattr(base_dir, "write_files"):
+        base_dir.write_files(Path(save_dir))
         return
     save_dir, base_dir = Path(save_dir), Path(base_dir)
     save_dir.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,16 @@ from pathlib import Path
 import torch
 
 from megatron_hdpissa.checkpoint.dist import FORMAT_TAG, save_model_checkpoint
-from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
+from megatron_hdpissa.checkpoint.safe_load import read_dcp_metadata, read_global_tensors
 from megatron_hdpissa.convert.hf_mapping import hf_tensors_from_megatron, megatron_shard_from_hf
+from megatron_hdpissa.convert.hf_moe import unstack_experts
 from megatron_hdpissa.convert.hf_sources import TensorSource
 from megatron_hdpissa.checkpoint.legacy import CheckpointInfo
 from megatron_hdpissa.models.config import ModelConfig, validate_tp
 from megatron_hdpissa.models.pipeline_stages import layer_key, validate_pp
+
+
+_MODEL_PREFIXES = ("embedding.", "output_layer.", "decoder.")  # GPTModel's sharded keys
 
 
 def _local_layer_names() -> list[tuple[str, str]]:
@@ -33,10 +37,10 @@ def dist_whole_state_dict(iter_dir, config: ModelConfig) -> dict:
     renames = _local_layer_names()
     whole: dict = {}
     layer_pattern = re.compile(r"decoder\.layers\.(?:(\d+)\.)?(.+)")
-    for key, tensor in read_global_tensors(iter_dir).items():
+    for key, tensor in read_global_tensors(iter_dir, _model_tensor_keys(iter_dir)).items():
         m = layer_pattern.fullmatch(key)
         if m is None:
-            if key.startswith(("embedding.", "output_layer.", "decoder.final_layernorm.")):
+            if key.startswith(_MODEL_PREFIXES[:2]) or key.startswith("decoder.final_layernorm."):
                 whole[key] = tensor
                 continue
             continue  # not model state (the caller's extra sharded state)
@@ -52,14 +56,20 @@ def dist_whole_state_dict(iter_dir, config: ModelConfig) -> dict:
             if name.startswith(sharded):
                 name = local + name[len(sharded):]
         for i, t in items:
-            whole[layer_key(i, name)] = t
-    for i in range(config.num_layers):  # swiglu saved as two tensors (singleton local shards)
-        w, v = layer_key(i, "mlp.linear_fc1.weight_w"), layer_key(i, "mlp.linear_fc1.weight_v")
-        if w in whole:
-            whole[layer_key(i, "mlp.linear_fc1.weight")] = torch.cat([whole.pop(w), whole.pop(v)], dim=0)
+            whole.update(unstack_experts(layer_key(i, name), t, config, iter_dir))
+    for key in [k for k in whole if k.endswith("linear_fc1.weight_w")]:  # swiglu saved as two tensors
+        whole[key[:-2]] = torch.cat([whole.pop(key), whole.pop(key[:-1] + "v")], dim=0)
     if not whole:
         raise ValueError(f"{iter_dir}: the torch_dist checkpoint holds no GPTModel tensors")
     return whole
+
+
+def _model_tensor_keys(iter_dir) -> list[str]:
+    """The GPTModel's tensor keys of a torch_dist folder (not the optimizer's or the trainer's)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return [key for key, md in read_dcp_metadata(iter_dir).state_dict_metadata.items()
+            if isinstance(md, TensorStorageMetadata) and key.startswith(_MODEL_PREFIXES)]
 
 
 def dist_rank_state_dict(info: CheckpointInfo, tp_rank: int, tp_size: int, pp_rank: int,

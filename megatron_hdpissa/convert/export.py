@@ -8,17 +8,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_hdpissa.checkpoint.atomic import TOKENIZER_DIR, barrier, write_tracker
+from megatron_hdpissa.checkpoint.atomic import barrier, write_tracker
 from megatron_hdpissa.checkpoint.legacy import rank_checkpoint_path
-from megatron_hdpissa.checkpoint.trainer_state import split_state_dict
+from megatron_hdpissa.checkpoint.trainer_state import copy_base_files, split_state_dict
 from megatron_hdpissa.convert.hf_megatron import convert_megatron_to_hf
+from megatron_hdpissa.convert.moe_export import experts_in_tp_layout
 from megatron_hdpissa.distributed.collectives import broadcast_object
 from megatron_hdpissa.distributed.groups import ParallelGroups
-from megatron_hdpissa.models.config import MODEL_CONFIG_FILE
 from megatron_hdpissa.peft.common import LORA, PISSA
 
 
-def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str, peft: str, log) -> None:
+def export_merged_hf(model, groups: ParallelGroups, base_dir, out_dir: str, peft: str, log) -> None:
     """Merge adapters (LoRA / PiSSA; HD-PiSSA's weights already are) and write an HF folder.
     Collective: DP rank 0 of every (TP, PP) position writes its shard into a temporary Megatron
     checkpoint, which rank 0 converts (the converter joins TP shards and pipeline stages)."""
@@ -33,6 +33,7 @@ def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str
     if dist.is_initialized():
         tmp = Path(broadcast_object(str(tmp) if tmp else None, src=0))
     base, _ = split_state_dict(model)
+    base = experts_in_tp_layout(base, groups, tmp)  # MoE at EP > 1 / expert-TP != TP: every expert per TP shard
     if groups.dp_rank == 0:  # every (TP, PP) position writes its shard of the Megatron layout
         path = rank_checkpoint_path(tmp, 0, groups.tp_rank, groups.pp_rank, groups.pp_size)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,9 +42,7 @@ def export_merged_hf(model, groups: ParallelGroups, base_dir: Path, out_dir: str
     barrier()
     if rank0:
         try:
-            shutil.copy2(base_dir / MODEL_CONFIG_FILE, tmp / MODEL_CONFIG_FILE)
-            if (base_dir / TOKENIZER_DIR).is_dir():
-                shutil.copytree(base_dir / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+            copy_base_files(tmp, base_dir)  # a folder, or convert.pretrained.PretrainedBase
             write_tracker(tmp, 0)
             convert_megatron_to_hf(tmp, out_dir, force=True, progress=False)
         finally:

@@ -6,8 +6,10 @@ import re
 
 import torch
 
+from megatron_hdpissa.convert.hf_moe import hf_moe_tensor, is_fused, megatron_moe_layer, moe_hf_keys, moe_hf_shape
 from megatron_hdpissa.convert.hf_sources import SafetensorsFolder
 from megatron_hdpissa.models.config import ModelConfig, validate_tp
+from megatron_hdpissa.models.moe import validate_expert_parallel
 from megatron_hdpissa.models.pipeline_stages import layer_key, merge_pipeline_shards, stage_layers, validate_pp
 
 IGNORED_HF_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -24,11 +26,16 @@ def _hf_layer(i: int, name: str) -> str:
 def megatron_shard_from_hf(
     src: SafetensorsFolder, config: ModelConfig, tp_size: int, tp_rank: int,
     dtype: torch.dtype | None = None, progress_bar=None, *, pp_size: int = 1, pp_rank: int = 0,
+    ep_size: int = 1, ep_rank: int = 0, etp_size: int | None = None, etp_rank: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The GPTModel state dict of TP rank `tp_rank` on pipeline stage `pp_rank` of `pp_size`
     (layers numbered locally), sliced straight out of the HF files. `progress_bar.update()` is
-    called once per layer (and for embeddings and head)."""
+    called once per layer (and for embeddings and head). MoE models: the local experts of
+    expert-parallel rank `ep_rank` of `ep_size`, split for expert-TP rank `etp_rank` of `etp_size`
+    (None: TP rank and size)."""
     validate_tp(config, tp_size)
+    etp_size = validate_expert_parallel(config, tp_size, ep_size, etp_size)
+    etp_rank = tp_rank if etp_rank is None else etp_rank
     validate_pp(config, pp_size)
     layers = stage_layers(config.num_layers, pp_size, pp_rank)
     first, last = pp_rank == 0, pp_rank == pp_size - 1
@@ -84,6 +91,12 @@ def megatron_shard_from_hf(
         sd[local(i, "pre_mlp_layernorm.weight")] = src.full(
             _hf_layer(i, "post_attention_layernorm.weight"), (h,)
         )
+        if c.num_experts:
+            moe = megatron_moe_layer(src, c, i, tp_size=tp_size, tp_rank=tp_rank, ep_size=ep_size, ep_rank=ep_rank,
+                                     etp_size=etp_size, etp_rank=etp_rank)
+            sd.update({local(i, name): tensor for name, tensor in moe.items()})
+            tick()
+            continue
         gate = src.rows(_hf_layer(i, "mlp.gate_proj.weight"), (c.ffn_hidden_size, h), t * ffn_part, (t + 1) * ffn_part)
         up = src.rows(_hf_layer(i, "mlp.up_proj.weight"), (c.ffn_hidden_size, h), t * ffn_part, (t + 1) * ffn_part)
         sd[local(i, "mlp.linear_fc1.weight")] = torch.cat([gate, up], dim=0)
@@ -108,8 +121,9 @@ def megatron_shard_from_hf(
     return sd
 
 
-def expected_hf_keys(config: ModelConfig) -> set[str]:
-    """The HF tensor names a model of `config` has (a tied head may still be stored)."""
+def expected_hf_keys(config: ModelConfig, stored=()) -> set[str]:
+    """The HF tensor names a model of `config` has (a tied head may still be stored); MoE
+    experts per expert, or fused when the `stored` names are (transformers 5's layout)."""
     keys = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         keys.add("lm_head.weight")
@@ -124,6 +138,9 @@ def expected_hf_keys(config: ModelConfig) -> set[str]:
         if config.qk_layernorm:
             for name, _ in _QK_NORMS:
                 keys.add(_hf_layer(i, f"self_attn.{name}.weight"))
+        if config.num_experts:
+            keys.update(moe_hf_keys(config, i, is_fused(stored, config)))
+            continue
         for name in ("gate_proj", "up_proj", "down_proj"):
             keys.add(_hf_layer(i, f"mlp.{name}.weight"))
     return keys
@@ -190,6 +207,10 @@ def hf_tensors_from_megatron(shards, config: ModelConfig, names: list[str] | Non
             return get(0, layer_key(i, "pre_mlp_layernorm.weight"))
         if rest == "self_attn.o_proj.weight":
             return cat(layer_key(i, "self_attention.linear_proj.weight"), 1)
+        if c.num_experts:
+            moe = hf_moe_tensor(get, tp, c, i, rest, layer_key)
+            if moe is not None:
+                return moe
         if rest == "mlp.down_proj.weight":
             return cat(layer_key(i, "mlp.linear_fc2.weight"), 1)
         for hf_norm, mc_norm in _QK_NORMS:
@@ -215,9 +236,9 @@ def hf_names(config: ModelConfig) -> list[str]:
             names += [_hf_layer(i, f"self_attn.{p}_proj.bias") for p in "qkv"]
         if config.qk_layernorm:
             names += [_hf_layer(i, f"self_attn.{n}.weight") for n, _ in _QK_NORMS]
-        names += [_hf_layer(i, n) for n in (
-            "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-            "mlp.up_proj.weight", "mlp.down_proj.weight")]
+        names += [_hf_layer(i, n) for n in ("self_attn.o_proj.weight", "post_attention_layernorm.weight")]
+        names += moe_hf_keys(config, i) if config.num_experts else [_hf_layer(i, f"mlp.{n}.weight") for n in (
+            "gate_proj", "up_proj", "down_proj")]
     names.append("model.norm.weight")
     if not config.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -231,6 +252,9 @@ def hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return (c.vocab_size, h)
     rest = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+    moe = moe_hf_shape(c, rest) if c.num_experts else None
+    if moe is not None:
+        return moe
     return {
         "model.norm.weight": (h,), "input_layernorm.weight": (h,),
         "post_attention_layernorm.weight": (h,),

@@ -38,6 +38,8 @@ from megatron_hdpissa.convert.hf_mapping import (IGNORED_HF_KEYS, expected_hf_ke
                                                  hf_tensors_from_megatron, megatron_shard_from_hf)
 from megatron_hdpissa.convert.hf_sources import SafetensorsFolder, copy_non_weight_files
 from megatron_hdpissa.convert.load import load_megatron_state_dict
+from megatron_hdpissa.convert.megatron_lm_checkpoint import (is_megatron_lm_checkpoint, megatron_lm_model_config,
+                                                             megatron_lm_whole)
 from megatron_hdpissa.convert.training_adapters import merge_training_adapters
 from megatron_hdpissa.models.config import TP_FLAG, ModelConfig, hf_config_for_readers, validate_tp
 from megatron_hdpissa.models.pipeline_stages import PP_FLAG, merge_pipeline_shards, validate_pp
@@ -76,7 +78,7 @@ def convert_hf_to_megatron(
     validate_tp(config, tp_size)
     validate_pp(config, pp_size)
     src = SafetensorsFolder(hf_dir)
-    unexpected = sorted(k for k in src.keys() - expected_hf_keys(config) if not IGNORED_HF_KEYS.match(k))
+    unexpected = sorted(k for k in src.keys() - expected_hf_keys(config, src.keys()) if not IGNORED_HF_KEYS.match(k))
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # a stored copy of the tied embedding
     if unexpected:
@@ -134,8 +136,11 @@ def convert_megatron_to_hf(
         raise ValueError(
             f"{info.directory} was saved with {PP_FLAG} {info.pp_size}, not {pp_size}"
         )
-    config = ModelConfig.load(info.directory)
-    if dist:
+    foreign = is_megatron_lm_checkpoint(info.directory)  # Megatron-LM / -Bridge: the model from its args
+    config = megatron_lm_model_config(info.directory) if foreign else ModelConfig.load(info.directory)
+    if foreign:
+        shards = megatron_lm_whole(info.directory, config)
+    elif dist:
         shards = [dist_whole_state_dict(info.iter_dir, config)]
     else:
         validate_tp(config, info.tp_size)

@@ -78,6 +78,10 @@ class SafetensorsFolder:
     def cols(self, key: str, shape, start: int, stop: int) -> torch.Tensor:
         return self._checked(key, lambda: self._slice(key, shape)[:, start:stop].contiguous())
 
+    def part(self, key: str, shape, index: tuple) -> torch.Tensor:
+        """`tensor[index]` (ints and slices), e.g. one expert's rows of a fused 3-D expert tensor."""
+        return self._checked(key, lambda: self._slice(key, shape)[index].contiguous())
+
 
 # ---- whole HF tensors already in memory -------------------------------------------------------
 class TensorSource:
@@ -103,6 +107,9 @@ class TensorSource:
 
     def cols(self, key: str, shape, start: int, stop: int) -> torch.Tensor:
         return self.full(key, shape)[:, start:stop].contiguous()
+
+    def part(self, key: str, shape, index: tuple) -> torch.Tensor:
+        return self.full(key, shape)[index].contiguous()
 
 
 

@@ -11,6 +11,7 @@ import torch
 from megatron_hdpissa.checkpoint.dist import TORCH, TORCH_DIST, load_model_checkpoint
 from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info, stage_state_dict
 from megatron_hdpissa.convert.dist import dist_rank_state_dict
+from megatron_hdpissa.convert.moe_load import legacy_moe_state_dict
 from megatron_hdpissa.models.config import TP_FLAG, ModelConfig
 from megatron_hdpissa.models.pipeline_stages import (PP_FLAG, merge_pipeline_stages, pipeline_rank_and_size,
                                                      pipeline_stage_state_dict, validate_pp)
@@ -82,7 +83,8 @@ def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int | None = None, *,
         # rank of the job loads at the same time)
         load_model_checkpoint(model, read_checkpoint_info(ckpt_dir).iter_dir)
         return
-    state_dict = load_megatron_state_dict(ckpt_dir, tp_rank, tp_size, pp_rank=pp_rank, pp_size=pp_size)
+    state_dict = legacy_moe_state_dict(ckpt_dir, tp_rank, tp_size, pp_rank, pp_size) or load_megatron_state_dict(
+        ckpt_dir, tp_rank, tp_size, pp_rank=pp_rank, pp_size=pp_size)  # MoE: this job's expert layout
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

@@ -5,7 +5,8 @@ longest row rounded up to a multiple of `pad_multiple` and capped at seq_length,
 itself with `pad_to_max_length`:
   tokens        int64   input ids
   labels        int64   labels[i] = tokens[i + 1] of the same example (Megatron GPT convention)
-  loss_mask     float32 1 where the label is a response token or the closing EOS, else 0
+  loss_mask     float32 1 where the label is a response token or the closing EOS (chat data: a
+                        token of an assistant turn or its end-of-turn token), else 0
   position_ids  int64   0, 1, ... restarting at each packed example
   document_ids  int64   0, 1, ... which example in the row a position belongs to; padding is
                         one more segment after the last example

@@ -52,7 +52,7 @@ def cache_dir() -> Path:
     if os.environ.get(CACHE_ENV):
         path = Path(os.environ[CACHE_ENV]).expanduser()
     else:
-        repo = Path(__file__).resolve().parents[1]
+        repo = Path(__file__).resolve().parents[2]
         if (repo / "setup.py").is_file() and os.access(repo, os.W_OK):
             path = repo / ".cache"
         else:

@@ -2,6 +2,7 @@
 
 Flow: `read_jsonl_examples` -> `SFTDataset` (prompt template, tokenise, truncate; `build_row`
 lays examples out as one row) -> `megatron_hdpissa.data.batches.SFTBatchIterator` (micro-batches).
+Multi-turn chat records are tokenised by `megatron_hdpissa.data.chat` into the same dataset.
 """
 from __future__ import annotations
 
@@ -51,6 +52,23 @@ class SFTExample:
 class TokenizedExample:
     ids: list[int]  # [BOS] + prompt + response + [EOS], at most seq_length + 1 long
     num_prompt: int  # leading ids that are not supervised (BOS and the rendered prompt)
+    # Per id, whether it is a supervised label (multi-turn chat: every assistant turn, see
+    # data/chat.py); None: exactly ids[num_prompt:] are. Either way the last id is supervised.
+    supervised: tuple[bool, ...] | None = None
+
+    def truncated(self, length: int) -> "TokenizedExample":
+        """The first `length` ids, then (per-token mask) cut after the last supervised one left."""
+        if self.supervised is None:
+            return TokenizedExample(self.ids[:length], self.num_prompt)
+        keep = self.supervised[:length]
+        end = max((j + 1 for j in range(len(keep)) if keep[j]), default=0)
+        return TokenizedExample(self.ids[:end], self.num_prompt, keep[:end])
+
+    def usable(self) -> bool:
+        """At least one label (ids[1:]) is supervised."""
+        if self.supervised is None:
+            return len(self.ids) >= max(self.num_prompt + 1, 2)
+        return any(self.supervised[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +196,7 @@ class SFTDataset:
 
     def __init__(
         self,
-        examples: Sequence[SFTExample],
+        examples: Sequence[SFTExample | TokenizedExample],
         tokenizer: Tokenizer,
         seq_length: int,
         template: str = ALPACA,
@@ -198,13 +216,15 @@ class SFTDataset:
         self.num_truncated = 0
         self.num_dropped = 0
         for example in examples:
-            prompt, response = render(example, template, tokenizer)
-            tokenized = tokenize_example(tokenizer, prompt, response, add_bos, chat=template == CHAT)
+            if isinstance(example, TokenizedExample):  # already rendered and tokenised (data/chat.py)
+                tokenized = example
+            else:
+                prompt, response = render(example, template, tokenizer)
+                tokenized = tokenize_example(tokenizer, prompt, response, add_bos, chat=template == CHAT)
             if len(tokenized.ids) > seq_length + 1:
                 self.num_truncated += 1
-                tokenized = TokenizedExample(tokenized.ids[: seq_length + 1], tokenized.num_prompt)
-            # Usable when at least one label (ids[1:]) is a response token.
-            if len(tokenized.ids) < max(tokenized.num_prompt + 1, 2):
+                tokenized = tokenized.truncated(seq_length + 1)
+            if not tokenized.usable():
                 self.num_dropped += 1
                 continue
             self.examples.append(tokenized)
@@ -270,7 +290,10 @@ class SFTDataset:
             ids = torch.tensor(example.ids, dtype=torch.int64)
             tokens[offset : offset + n] = ids[:-1]
             labels[offset : offset + n] = ids[1:]
-            loss_mask[offset + max(example.num_prompt - 1, 0) : offset + n] = 1.0
+            if example.supervised is None:
+                loss_mask[offset + max(example.num_prompt - 1, 0) : offset + n] = 1.0
+            else:
+                loss_mask[offset : offset + n] = torch.tensor(example.supervised[1:], dtype=torch.float32)
             position_ids[offset : offset + n] = torch.arange(n)
             document_ids[offset : offset + n] = doc
             offset += n

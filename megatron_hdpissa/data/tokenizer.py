@@ -19,12 +19,22 @@ class Tokenizer:
     pad_id: int
     vocab_size: int
     add_bos: bool
+    has_chat_template: bool = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def decode(self, ids) -> str:
         raise NotImplementedError
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each id's character span [start, end) in `text` (chat data masks)."""
+        raise ValueError(f"{type(self).__name__} {self.path!r} gives no character offsets; chat data needs "
+                         "--tokenizer-type HuggingFaceTokenizer with a fast tokenizer (tokenizer.json)")
+
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (a chat template's end-of-turn marker is one); EOS included."""
+        return frozenset([self.eos_id])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         raise ValueError(
@@ -85,12 +95,23 @@ class HuggingFaceTokenizer(Tokenizer):
         self.vocab_size = max(len(self.hf), max(self.hf.get_vocab().values()) + 1)
         with_special = self.hf.encode("a", add_special_tokens=True)
         self.add_bos = self.bos_id is not None and with_special[:1] == [self.bos_id]
+        self.has_chat_template = bool(getattr(self.hf, "chat_template", None))
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        if not getattr(self.hf, "is_fast", False):
+            super().encode_with_offsets(text)
+        out = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(out["input_ids"]), [tuple(o) for o in out["offset_mapping"]]
+
+    def special_ids(self) -> frozenset[int]:
+        added = [i for i, token in self.hf.added_tokens_decoder.items() if token.special]
+        return frozenset([self.eos_id, *self.hf.all_special_ids, *added])
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if not getattr(self.hf, "chat_template", None):

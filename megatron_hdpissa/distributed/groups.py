@@ -27,6 +27,17 @@ class ParallelGroups:
     pp_group: dist.ProcessGroup | None = None
     pp_rank: int = 0
     pp_size: int = 1
+    # Mixture of experts: expert-parallel (EP), expert-tensor-parallel (ETP) and expert-data-parallel
+    # groups (megatron-core's; each rank holds E / ep_size experts, each split over etp_size ranks).
+    ep_group: dist.ProcessGroup | None = None
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_group: dist.ProcessGroup | None = None
+    etp_rank: int = 0
+    etp_size: int = 1
+    expert_dp_group: dist.ProcessGroup | None = None
+    expert_dp_rank: int = 0
+    expert_dp_size: int = 1
 
     @property
     def is_first_stage(self) -> bool:
@@ -53,6 +64,15 @@ class ParallelGroups:
             pp_group=ps.get_pipeline_model_parallel_group(),
             pp_rank=ps.get_pipeline_model_parallel_rank(),
             pp_size=ps.get_pipeline_model_parallel_world_size(),
+            ep_group=ps.get_expert_model_parallel_group(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            etp_group=ps.get_expert_tensor_parallel_group(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            expert_dp_group=ps.get_expert_data_parallel_group(),
+            expert_dp_rank=ps.get_expert_data_parallel_rank(),
+            expert_dp_size=ps.get_expert_data_parallel_world_size(),
         )
 
 
@@ -80,9 +100,13 @@ def initialize(
     pipeline_model_parallel_size: int = 1,
     backend: str | None = None,
     timeout_minutes: int = 30,
+    *,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
 ) -> ParallelGroups:
     """Initialise torch.distributed from the usual env vars (RANK, WORLD_SIZE, MASTER_ADDR, ...)
-    and megatron-core's model-parallel groups. Works with gloo on CPU and NCCL on GPU."""
+    and megatron-core's model-parallel groups. Works with gloo on CPU and NCCL on GPU. The expert
+    sizes (MoE models) default to EP = 1 and expert-TP = TP."""
     from megatron.core import parallel_state as ps
 
     backend = backend or default_backend()
@@ -108,13 +132,32 @@ def initialize(
             f"--pipeline-model-parallel-size {pipeline_model_parallel_size} does not divide "
             f"the world size {world_size}"
         )
+    check_expert_layout(world_size, tensor_model_parallel_size, pipeline_model_parallel_size,
+                        expert_model_parallel_size, expert_tensor_parallel_size)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
             create_gloo_process_groups=(backend != "gloo"),
         )
     return ParallelGroups.from_megatron()
+
+
+def check_expert_layout(world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:
+    """megatron-core's expert layout: per pipeline stage the world / PP ranks are split as
+    expert-TP x EP x expert-DP (as TP x DP for the dense part), so expert-TP x EP must divide them."""
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1:
+        raise ValueError(f"--expert-model-parallel-size ({ep}) and --expert-tensor-parallel-size ({etp}) "
+                         "must be >= 1")
+    per_stage = world_size // pp
+    if per_stage % (etp * ep):
+        raise ValueError(
+            f"--expert-tensor-parallel-size {etp} x --expert-model-parallel-size {ep} does not divide the "
+            f"{per_stage} ranks of a pipeline stage (world size {world_size} / "
+            f"--pipeline-model-parallel-size {pp})")
 
 
 def shutdown() -> None:

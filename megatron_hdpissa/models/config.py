@@ -1,4 +1,4 @@
-"""Model description: a serialisable `ModelConfig` read from a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 (dense) config."""
+"""Model description: a serialisable `ModelConfig` read from a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 config, or a Qwen3-MoE / Mixtral one (models/moe.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from megatron_hdpissa.models.moe import (MOE_ARCHITECTURES, MOE_FIELDS, moe_fields_from_hf, moe_hf_config_for_readers,
+                                         moe_hf_fields)
 
 MODEL_CONFIG_FILE = "model_config.json"
 INIT_METHOD_STD = 0.02  # HF's initializer_range default
@@ -19,9 +22,8 @@ ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    **MOE_ARCHITECTURES,
 }
-# Config fields that make a model a mixture of experts (no converter supports MoE).
-_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 # megatron-core hard-codes these llama3 RoPE-scaling constants.
 _MCORE_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192}
@@ -32,10 +34,10 @@ class ModelConfig:
     """What megatron-core needs to rebuild a decoder-only model, and HF needs to get it back.
     Saved as `model_config.json` next to checkpoints."""
 
-    model_type: str                 # "llama" | "mistral" | "qwen2" | "qwen3"
+    model_type: str                 # "llama" | "mistral" | "qwen2" | "qwen3" | "qwen3_moe" | "mixtral"
     num_layers: int
     hidden_size: int
-    ffn_hidden_size: int
+    ffn_hidden_size: int            # MoE models: each expert's FFN size
     num_attention_heads: int
     num_query_groups: int           # KV heads (GQA)
     kv_channels: int                # head dim
@@ -49,6 +51,13 @@ class ModelConfig:
     sliding_window: int | None = None          # Mistral: attend to the last `sliding_window` tokens
     qk_layernorm: bool = False      # Qwen3: RMSNorm over each q and k head (megatron-core qk_layernorm)
     init_method_std: float = INIT_METHOD_STD
+    # mixture of experts (models/moe.py); num_experts None: a dense model
+    num_experts: int | None = None
+    moe_router_topk: int | None = None
+    moe_router_pre_softmax: bool = False    # softmax over all experts, top-k not renormalised
+    moe_aux_loss_coeff: float = 0.0         # the family's router_aux_loss_coef
+    moe_input_jitter_eps: float | None = None   # Mixtral router_jitter_noise
+    moe_shared_expert_size: int | None = None   # Qwen2-MoE shared_expert_intermediate_size (gated)
     hf_config: dict | None = None   # the source config.json, written back verbatim on export
 
     # ---- construction -------------------------------------------------------------------------
@@ -63,13 +72,10 @@ class ModelConfig:
             hf_config = json.loads(path.read_text())
         d = dict(hf_config) if isinstance(hf_config, dict) else hf_config.to_dict()
         model_type = d.get("model_type")
-        moe = {k: d[k] for k in _MOE_FIELDS if d.get(k)}
-        if moe or str(model_type).endswith("_moe"):
-            raise ValueError(
-                f"mixture-of-experts models are not supported (model_type={model_type!r}"
-                + "".join(f", {k}={v}" for k, v in moe.items()) + "); supported dense "
-                f"architectures: {sorted(ARCHITECTURES)}"
-            )
+        moe = {}
+        if model_type in MOE_ARCHITECTURES or str(model_type).endswith("_moe") or any(
+                d.get(k) for k in MOE_FIELDS):
+            moe = moe_fields_from_hf(d)
         if model_type not in ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture model_type={model_type!r} "
@@ -79,17 +85,17 @@ class ModelConfig:
             raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (SwiGLU/silu only)")
         if d.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
-        if model_type in ("llama", "qwen3") and d.get("attention_bias"):
+        if model_type in ("llama", "qwen3", "qwen3_moe") and d.get("attention_bias"):
             raise ValueError(f"attention_bias=True on a {model_type} config is not supported (it also "
                              "puts a bias on o_proj, which megatron-core's add_qkv_bias does not cover)")
         if d.get("pretraining_tp", 1) != 1:
             raise ValueError(f"pretraining_tp={d['pretraining_tp']} is not supported")
-        if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and d.get("use_sliding_window"):
             raise ValueError(f"{model_type} use_sliding_window=True (per-layer windows above "
                              "max_window_layers) is not supported")
         layer_types = d.get("layer_types") or []
         other = sorted({t for t in layer_types if t != "full_attention"})
-        if model_type != "mistral" and other:
+        if model_type not in ("mistral", "mixtral") and other:
             raise ValueError(f"layer_types with {other} entries (per-layer attention kinds) is not "
                              "supported; every layer must be full_attention")
         norm = d.get("norm_type") or d.get("normalization")
@@ -116,7 +122,7 @@ class ModelConfig:
             model_type=model_type,
             num_layers=d["num_hidden_layers"],
             hidden_size=d["hidden_size"],
-            ffn_hidden_size=d["intermediate_size"],
+            ffn_hidden_size=moe.pop("ffn_hidden_size", None) or d["intermediate_size"],
             num_attention_heads=heads,
             num_query_groups=d.get("num_key_value_heads") or heads,
             kv_channels=d.get("head_dim") or d["hidden_size"] // heads,
@@ -125,11 +131,12 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             norm_epsilon=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=(model_type == "qwen2"),
-            qk_layernorm=(model_type == "qwen3"),
+            qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True))),
+            qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
             rope_scaling_factor=rope_factor,
-            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+            sliding_window=d.get("sliding_window") if model_type in ("mistral", "mixtral") else None,
             init_method_std=float(d.get("initializer_range", INIT_METHOD_STD)),
+            **moe,
             hf_config=_jsonable(d),
         )
 
@@ -155,8 +162,11 @@ class ModelConfig:
                     "factor": self.rope_scaling_factor, **_MCORE_LLAMA3_ROPE}
         if self.model_type == "mistral":
             kwargs["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen3":
+        if self.model_type in ("qwen3", "qwen3_moe"):
             kwargs["attention_bias"] = False
+        if self.model_type == "mixtral":
+            kwargs["sliding_window"] = self.sliding_window
+        kwargs.update(moe_hf_fields(self))
         # transformers >= 5 reads rope_parameters; 4.x reads only rope_theta / rope_scaling and
         # silently falls back to theta 10000 when given rope_parameters.
         if _transformers_major() >= 5:
@@ -205,7 +215,7 @@ def hf_config_for_readers(hf_config: dict, rope_theta: float) -> dict:
     """A config.json dict both transformers 4.x and 5.x read the same: transformers 5 nests RoPE
     under `rope_parameters` (and still reads a top-level `rope_theta`); 4.x reads only the
     top-level `rope_theta` / `rope_scaling` and silently uses theta 10000 otherwise."""
-    d = dict(hf_config)
+    d = moe_hf_config_for_readers(dict(hf_config))
     rope = d.get("rope_parameters")
     if isinstance(rope, dict):
         d.setdefault("rope_theta", rope.get("rope_theta", rope_theta))
@@ -240,9 +250,10 @@ def as_model_config(config: Any) -> ModelConfig:
 
 
 def valid_tp_sizes(config: ModelConfig, limit: int = 64) -> list[int]:
-    """Tensor-parallel sizes up to `limit` that divide heads, query groups, FFN and vocabulary."""
-    sizes = (config.num_attention_heads, config.num_query_groups, config.ffn_hidden_size,
-             config.vocab_size)
+    """Tensor-parallel sizes up to `limit` that divide heads, query groups, FFN and vocabulary
+    (an MoE model's expert FFN is split by the expert-TP size: `models.moe.validate_expert_parallel`)."""
+    sizes = (config.num_attention_heads, config.num_query_groups, config.vocab_size,
+             *(() if config.num_experts else (config.ffn_hidden_size,)))  # experts: expert-TP
     return [t for t in range(1, limit + 1) if all(size % t == 0 for size in sizes)]
 
 
@@ -254,7 +265,7 @@ def validate_tp(config: ModelConfig, tp_size: int) -> None:
     for name, value in (
         ("num_attention_heads", config.num_attention_heads),
         ("num_key_value_heads (query groups)", config.num_query_groups),
-        ("intermediate_size (FFN)", config.ffn_hidden_size),
+        *(() if config.num_experts else (("intermediate_size (FFN)", config.ffn_hidden_size),)),
         ("vocab_size", config.vocab_size),
     ):
         if value % tp_size != 0:

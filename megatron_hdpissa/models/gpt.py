@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from megatron_hdpissa.models.config import TP_FLAG, ModelConfig, as_model_config, validate_tp
+from megatron_hdpissa.models.moe import moe_transformer_fields, validate_expert_parallel
 from megatron_hdpissa.models.recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS
 
 DEFAULT_SEED = 1234  # Megatron-LM's --seed default
@@ -75,13 +76,16 @@ def parallelism_overrides(
 
 
 def transformer_config(
-    config: ModelConfig, tp_size: int = 1, dtype: torch.dtype = torch.float32, **overrides
+    config: ModelConfig, tp_size: int = 1, dtype: torch.dtype = torch.float32, *, ep_size: int = 1,
+    etp_size: int | None = None, **overrides
 ):
-    """megatron-core `TransformerConfig` for `config` (local implementation, no fused kernels)."""
+    """megatron-core `TransformerConfig` for `config` (local implementation, no fused kernels);
+    an MoE model's layers get experts split over `ep_size` ranks and `etp_size` (None: TP) ranks."""
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     validate_tp(config, tp_size)
+    etp_size = validate_expert_parallel(config, tp_size, ep_size, etp_size)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not supported (float32, bfloat16, float16)")
     kwargs = dict(
@@ -116,6 +120,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         window_size=(config.sliding_window - 1, 0) if config.sliding_window else None,
+        **moe_transformer_fields(config, ep_size, etp_size),
     )
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     if "transformer_impl" in known:
@@ -148,6 +153,11 @@ def build_gpt_model(
     (`models.attention.SDPAttention`) or "local" (megatron-core's `DotProductAttention`); both have
     no parameters, so checkpoints do not depend on it. `overrides` go to TransformerConfig
     (e.g. `sequence_parallel=True`, `recompute_granularity="full"`).
+
+    An MoE config (Qwen3-MoE, Mixtral) gets megatron-core MoE layers: a router, local experts as
+    `SequentialMLP` split over megatron-core's initialised expert-parallel and expert-TP groups,
+    the all-to-all token dispatcher (`moe_token_dispatcher_type` in `overrides` picks another),
+    no capacity factor (no token is dropped).
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -168,13 +178,22 @@ def build_gpt_model(
             f"{TP_FLAG} {tp_size} differs from megatron-core's initialised tensor-parallel "
             f"group size {group_tp}"
         )
+    ep_size, etp_size = 1, None
+    if model_config.num_experts:
+        from megatron_hdpissa.models.moe_compat import ensure_moe_compat
+
+        ensure_moe_compat()
+        if ps.model_parallel_is_initialized():
+            ep_size = ps.get_expert_model_parallel_world_size()
+            etp_size = ps.get_expert_tensor_parallel_world_size()
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"--attention-backend {attention_backend!r}: choose from {', '.join(ATTENTION_BACKENDS)}")
-    tconfig = transformer_config(model_config, tp_size, dtype, **overrides)
-    layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model_config.qk_layernorm)
+    tconfig = transformer_config(model_config, tp_size, dtype, ep_size=ep_size, etp_size=etp_size, **overrides)
+    layer_spec = get_gpt_layer_local_spec(num_experts=model_config.num_experts, moe_grouped_gemm=False,
+                                          normalization="RMSNorm", qk_layernorm=model_config.qk_layernorm)
     if attention_backend == SDPA:
         from megatron_hdpissa.models.attention import SDPAttention
 

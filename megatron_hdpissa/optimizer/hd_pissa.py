@@ -17,6 +17,7 @@ from megatron_hdpissa.optimizer.aggregation import (
     DeltaAggregator, build_entries, check_consistency, choose_paths, gather_factors,
 )
 from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, record_step, unscale_and_clip_
+from megatron_hdpissa.optimizer.experts import ExpertDomain, norm_pair, route_items, split_entries
 from megatron_hdpissa.optimizer.finite_guard import direct_bound, factor_bound, headroom, update_is_finite
 from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scale_loss, scaler_state
 from megatron_hdpissa.optimizer.master_weights import MasterWeights, resolve_mode, unique_weights
@@ -118,11 +119,14 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         if self.ddp is not None:
             self.others_optimizer = build_others_optimizer(self.ddp, lr, weight_decay, betas, eps, others_optimizer)
         choose_paths(entries, self.aggregation)
-        self.weight_store = MasterWeights(entries, mode, self.groups, self.bucket_size)
+        self.dense_entries, expert_entries = split_entries(entries)  # experts: their own groups
+        self.weight_store = MasterWeights(self.dense_entries, mode, self.groups, self.bucket_size)
         if mode == "sharded-fp32":  # through self, so the phase hook sees the waits
-            self.weight_store.wait_before_forward({id(e.module): e.module for e in entries}.values(),
+            self.weight_store.wait_before_forward({id(e.module): e.module for e in self.dense_entries}.values(),
                                                   lambda upto: self.finish_param_gather(upto=upto))
         self.aggregator = DeltaAggregator(self.weight_store, self.groups, self.bucket_size, self.update_factors)
+        self.experts = (ExpertDomain(expert_entries, mode, self.bucket_size, self.update_factors)
+                        if expert_entries else None)
 
     # -- where the weights' values live (see master_weights) ------------------------------------
     master_mode = property(lambda self: self.weight_store.mode)
@@ -183,15 +187,16 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         return scale_loss(loss, self.grad_scaler)
 
     def _factor_grads(self):
-        """(factor, is sharded over TP, gradient) for each factor that received a gradient; the
-        column-parallel B and row-parallel A are TP shards, the other factor is replicated."""
+        """(factor, its (is a TP shard, gradient) pair for the norm or None, gradient) for each
+        factor that received a gradient; the column-parallel B and row-parallel A are TP shards,
+        the other factor is replicated (`experts.norm_pair`)."""
         out = []
         for e in self.entries:
             column = e.adapter.kind == "column"
             for p, sharded in ((e.a, not column), (e.b, column)):
                 x = self._grad(p, factor=True)
                 if x is not None:
-                    out.append((p, sharded and e.adapter.tp_size > 1, x))
+                    out.append((p, norm_pair(e.adapter, sharded, x), x))
         return out
 
     # -- step -----------------------------------------------------------------------------------
@@ -215,7 +220,8 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
                 average_over_dp_([x for _, x in other_pairs], self.groups)
         with phase("clip", self.phase_hook):
             norm, skip = unscale_and_clip_(
-                [x for _, _, x in factor_grads] + [x for _, x in other_pairs], [(sh, x) for _, sh, x in factor_grads],
+                [x for _, _, x in factor_grads] + [x for _, x in other_pairs],
+                [pair for _, pair, _ in factor_grads if pair is not None],
                 grads_for_norm([p for p, _ in other_pairs], [x for _, x in other_pairs]),
                 self.groups, self.clip_grad, self.grad_scaler, self.track_grad_norm)
         if record_step(self, norm, skip):
@@ -235,11 +241,13 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
             if others_step is not None:
                 others_step()
         with phase("aggregate", self.phase_hook):
-            self.last_step_bytes["deltas"] += self.aggregator.factors([it for it in items if it[0].path == "factors"])
-            self.last_step_bytes["dense"] += self.aggregator.dense([it for it in items if it[0].path == "dense"])
+            for aggregator, its in route_items(items, self.aggregator, self.experts):
+                self.last_step_bytes["deltas"] += aggregator.factors([it for it in its if it[0].path == "factors"])
+                self.last_step_bytes["dense"] += aggregator.dense([it for it in its if it[0].path == "dense"])
         if self.master_mode == "sharded-fp32":
             with phase("param_gather", self.phase_hook):
-                self.last_step_bytes["params"] += self.weight_store.launch_param_gather()
+                for store in [self.weight_store] + ([self.experts.weight_store] if self.experts else []):
+                    self.last_step_bytes["params"] += store.launch_param_gather()
         self.num_steps += 1
         if self.check_interval and self.num_steps % self.check_interval == 0:
             self.check_consistency()
@@ -305,6 +313,9 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     def finish_param_gather(self, upto: Optional[torch.Tensor] = None) -> None:
         """Wait for outstanding parameter all-gathers (sharded masters) and write them into W: all
         of them, or with `upto` (a weight) those launched up to the bucket that holds it."""
+        if self.experts is not None and self.experts.weight_store.pending and upto is None:
+            with phase("param_gather", self.phase_hook):
+                self.experts.weight_store.finish_param_gather()
         if not self.weight_store.pending:
             return
         with phase("param_gather", self.phase_hook):
@@ -313,10 +324,15 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
     # -- reliability ----------------------------------------------------------------------------
     def refresh_gathered_factors(self) -> None:
         """Re-gather all slices' factors from the local parameters (after loading moved factors)."""
-        gather_factors(self.entries, self.groups)
+        gather_factors(self.dense_entries, self.groups)
+        if self.experts is not None:
+            self.experts.gather_factors()
 
     def check_consistency(self) -> None:
         """Fail loudly on every rank, naming the layer, if data-parallel ranks hold different weights
         (each pipeline stage checks its own layers over its DP group)."""
         self.finish_param_gather()
-        check_consistency(self.entries, self.groups, self.num_steps)
+        if self.dense_entries:
+            check_consistency(self.dense_entries, self.groups, self.num_steps)
+        if self.experts is not None:
+            self.experts.check_consistency(self.num_steps)

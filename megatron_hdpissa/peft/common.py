@@ -155,6 +155,15 @@ class Target:
     shapes: list  # full logical (m, n) of each part
 
 
+def layer_tp_size(module: nn.Module, tp_size: int) -> int:
+    """The TP size a parallel linear is split over: megatron-core's expert linears (`is_expert`)
+    are split over their own expert-tensor-parallel group, every other layer over TP."""
+    if not getattr(module, "is_expert", False):
+        return tp_size
+    group = getattr(module, "tp_group", None)
+    return group.size() if group is not None else 1
+
+
 def find_targets(model: nn.Module, patterns: Sequence[str], tp_size: int, fused: bool) -> list[Target]:
     """Match `target_modules` against the model's megatron-core parallel linears; clear errors
     for nothing matched or unsupported layers."""
@@ -164,7 +173,8 @@ def find_targets(model: nn.Module, patterns: Sequence[str], tp_size: int, fused:
         if isinstance(module, (column_t, row_t)):
             linear_names.append(name)
             if matches(name, patterns):
-                targets.append(_target(name, module, COLUMN if isinstance(module, column_t) else ROW, tp_size, fused))
+                kind = COLUMN if isinstance(module, column_t) else ROW
+                targets.append(_target(name, module, kind, layer_tp_size(module, tp_size), fused))
         elif matches(name, patterns) and isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ConfigError("target_modules", (
                 f"{name}: {{name}} matched a {type(module).__name__}, but only "

@@ -12,6 +12,7 @@ from megatron_hdpissa.peft.hd_pissa.config import (
 )
 from megatron_hdpissa.checkpoint.dist import CKPT_FORMATS, TORCH_DIST
 from megatron_hdpissa.data.batches import DEFAULT_PAD_MULTIPLE
+from megatron_hdpissa.data.chat import AUTO, DATA_FORMATS
 from megatron_hdpissa.data.sft import ALPACA
 from megatron_hdpissa.data.tokenizer import TOKENIZER_TYPES
 from megatron_hdpissa.models.gpt import ATTENTION_BACKENDS, DEFAULT_SEED, SDPA
@@ -42,6 +43,9 @@ HD_PISSA_FLAGS = {
 # alpha and targets.
 LOWRANK_FLAGS = {**HD_PISSA_FLAGS, "rank": "--lora-rank", "alpha": "--lora-alpha",
                  "target_modules": "--lora-target-modules"}
+# convert.peft_adapter's parameters -> the flags of the trainer and tools/convert_megatron_to_hf.py
+ADAPTER_FLAGS = {"rank": "--export-adapter-rank", "base": "--pretrained-checkpoint", "method": "--peft",
+                 "target_modules": "--hd-pissa-target-modules / --lora-target-modules"}
 
 
 def add_hd_pissa_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,7 +98,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Megatron-LM's flag names where they exist."""
     g = parser.add_argument_group("model and parallelism")
     g.add_argument("--pretrained-checkpoint", default=None,
-                   help="converted base checkpoint (tools/convert_hf_to_megatron.py)")
+                   help="base model: a converted checkpoint (tools/convert_hf_to_megatron.py), a "
+                        "Megatron-LM / Megatron-Bridge checkpoint, or a Hugging Face folder")
     g.add_argument("--load", default=None, help="resume from this training checkpoint folder "
                    "(if it holds one); otherwise it is used as the base checkpoint")
     g.add_argument("--save", default=None)
@@ -109,9 +114,25 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="Megatron-LM's asynchronous torch_dist save: refused here (see checkpoint/dist.py)")
     g.add_argument("--exit-interval", type=int, default=0, help="exit after this many iterations")
     g.add_argument("--export-hf", default=None, help="write the merged model here (HF safetensors)")
+    g.add_argument("--export-hf-adapter", default=None, metavar="DIR",
+                   help="write an HF PEFT LoRA adapter for the original base here (adapter_config.json, "
+                        "adapter_model.safetensors, README.md): LoRA / PiSSA exactly, HD-PiSSA as the rank-R "
+                        "truncated SVD of W_T - W_0 with its remainder reported")
+    g.add_argument("--export-adapter-rank", type=int, default=None, metavar="R",
+                   help="HD-PiSSA: the exported adapter's rank R (default 2 K r)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="pipeline stages; must divide the number of layers")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="mixture-of-experts models: ranks the experts are split over (must divide them)")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="MoE: tensor-parallel size inside each expert (default: --tensor-model-parallel-size)")
+    g.add_argument("--num-experts", type=int, default=None,
+                   help="MoE: checked against the checkpoint's model (default: its model_config.json)")
+    g.add_argument("--moe-router-topk", type=int, default=None,
+                   help="MoE: checked against the checkpoint's model (default: its model_config.json)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="MoE load-balancing loss coefficient (default: the HF config's router_aux_loss_coef)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard activations outside the TP regions over the sequence (needs TP > 1)")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None)
@@ -132,6 +153,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--response-field", default="answer")
     g.add_argument("--input-field", default=None)
     g.add_argument("--prompt-template", default=ALPACA, help="alpaca | chat | a string with {prompt}")
+    g.add_argument("--data-format", choices=DATA_FORMATS, default=AUTO,
+                   help="messages: multi-turn chat records (OpenAI `messages` or ShareGPT `conversations`) "
+                        "rendered with the tokenizer's chat template, loss on every assistant turn; "
+                        "prompt-response: --prompt-field / --response-field records; auto: per file, "
+                        "messages when its first record holds `messages` or `conversations`")
     g.add_argument("--tokenizer-type", default=TOKENIZER_TYPES[0],
                    choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", default=None,
@@ -202,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(message)
     if args.save_retain < 0:
         parser.error(f"--save-retain must be >= 0 (0 keeps every checkpoint), got {args.save_retain}")
+    if args.expert_model_parallel_size < 1 or (args.expert_tensor_parallel_size or 1) < 1:
+        parser.error("--expert-model-parallel-size and --expert-tensor-parallel-size must be >= 1")
     if args.pipeline_model_parallel_size < 1:
         parser.error(f"--pipeline-model-parallel-size must be >= 1, got {args.pipeline_model_parallel_size}")
     if args.pad_multiple < 1:
@@ -215,6 +243,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "spawn-context Manager and forks writer processes, which hangs under launchers that set up "
                      "the process group on import (see megatron_hdpissa/checkpoint/dist.py); checkpoints are "
                      "written synchronously, atomically")
+    if args.export_adapter_rank is not None and (not args.export_hf_adapter or args.export_adapter_rank < 1
+                                                 or args.peft != HD_PISSA):
+        parser.error(f"--export-adapter-rank must be >= 1 and goes with --export-hf-adapter and --peft hd-pissa "
+                     f"(LoRA / PiSSA adapters are exported at their own rank), got {args.export_adapter_rank}")
+    if args.export_hf_adapter and (args.peft == FULL or not args.pretrained_checkpoint):
+        parser.error("--export-hf-adapter needs an adapter method (--peft hd-pissa, lora or pissa) and "
+                     "--pretrained-checkpoint (the original base W_0 the adapter is applied to)")
     if args.peft != HD_PISSA and args.hd_pissa_virtual_ranks != 1:
         parser.error("--hd-pissa-virtual-ranks only applies to --peft hd-pissa")
     lora_flags = [f for f in ("rank", "alpha", "target_modules") if getattr(args, f"lora_{f}") is not None]

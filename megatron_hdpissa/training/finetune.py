@@ -25,8 +25,10 @@ from megatron_hdpissa.checkpoint import trainer_dist, trainer_legacy
 from megatron_hdpissa.checkpoint.dist import TORCH, TORCH_DIST
 from megatron_hdpissa.checkpoint.trainer_state import TrainerState, is_training_checkpoint, read_meta
 from megatron_hdpissa.convert.export import export_merged_hf
+from megatron_hdpissa.training.adapter_export import export_trained_adapter
 from megatron_hdpissa.distributed.collectives import MIN, all_reduce_
 from megatron_hdpissa.distributed.groups import initialize, shutdown
+from megatron_hdpissa.models.moe import expert_parallel_sizes, moe_flag_overrides
 from megatron_hdpissa.training.arguments import effective_pad_multiple, flag_errors, grad_scaler, parse_args, peft_config
 from megatron_hdpissa.training.guards import StepGuard, check_finite_weights
 from megatron_hdpissa.training.quiet import hidden_notices_line, quiet_megatron_notices
@@ -34,7 +36,7 @@ from megatron_hdpissa.training.validation import check_outputs, read_inputs
 from megatron_hdpissa.peft.common import HD_PISSA
 from megatron_hdpissa.peft.lowrank.config import LOWRANK_METHODS
 from megatron_hdpissa.training.lr_schedule import lr_at
-from megatron_hdpissa.training.monitoring import Logger, StopSignal
+from megatron_hdpissa.training.monitoring import Logger, StopSignal, Throughput
 from megatron_hdpissa.training.step import configure_schedule, evaluate_batches, forward_backward
 
 CHECKPOINT_FORMATS = {TORCH: trainer_legacy, TORCH_DIST: trainer_dist}  # --ckpt-format -> its module
@@ -58,7 +60,8 @@ class FinetuneRecipe:
         random.seed(args.seed)
         self.check_layout()
         check_outputs(args)
-        self.groups = g = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        self.groups = g = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                     **expert_parallel_sizes(args))
         if (g.tp_size, g.pp_size) != (args.tensor_model_parallel_size, args.pipeline_model_parallel_size):
             raise ValueError(f"megatron-core is initialised with TP={g.tp_size}, PP={g.pp_size}, but the flags "
                              f"ask for --tensor-model-parallel-size {args.tensor_model_parallel_size} "
@@ -67,7 +70,7 @@ class FinetuneRecipe:
         self.rank0 = dist.get_rank() == 0
         if not self.rank0:  # data warnings (truncation counts) once, from rank 0
             logging.getLogger("megatron_hdpissa").setLevel(logging.ERROR)
-        self.tokenizer, self.train_ds, self.valid_ds = read_inputs(args, self.base_dir)  # before the model
+        self.tokenizer, self.train_ds, self.valid_ds = read_inputs(args, self.base)  # before the model
         self.setup_model()
         self.setup_adapters()
         if hidden_notices_line():  # megatron-core's import-time notices, once (training/quiet.py)
@@ -79,38 +82,38 @@ class FinetuneRecipe:
 
     def check_layout(self) -> None:
         """Before any process group: the base checkpoint exists and the pipeline splits its layers."""
-        from megatron_hdpissa.models.config import ModelConfig
+        from megatron_hdpissa.convert.pretrained import resolve_pretrained
 
         args = self.args
         self.resuming = bool(args.load) and is_training_checkpoint(args.load)
         self.base_dir = Path(args.load if (self.resuming or not args.pretrained_checkpoint) else args.pretrained_checkpoint)
         if not self.base_dir.is_dir():
             raise FileNotFoundError(f"--pretrained-checkpoint/--load {self.base_dir} does not exist")
-        layers, pp = ModelConfig.load(self.base_dir).num_layers, args.pipeline_model_parallel_size
+        self.base = resolve_pretrained(self.base_dir)  # ours, Megatron-LM / -Bridge, or an HF folder
+        layers, pp = self.base.model_config.num_layers, args.pipeline_model_parallel_size
         if layers % pp:
             raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the {layers} layers of this "
                              f"model (valid: {[p for p in range(1, layers + 1) if layers % p == 0]})")
 
     def setup_model(self) -> None:
-        from megatron_hdpissa.convert.load import load_megatron_checkpoint
-        from megatron_hdpissa.models.config import ModelConfig
         from megatron_hdpissa.models.gpt import build_gpt_model, check_attention_backend, parallelism_overrides
 
         args, g = self.args, self.groups
-        model_config = ModelConfig.load(self.base_dir)
+        model_config = self.base.model_config
         check_attention_backend(args.attention_backend, model_config, document_masks=args.pack)
         overrides = parallelism_overrides(
             g.tp_size, args.seq_length, model_config.num_layers, pp_size=g.pp_size,
             sequence_parallel=args.sequence_parallel, recompute_granularity=args.recompute_granularity,
             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
             recompute_modules=args.recompute_modules)
+        overrides.update(moe_flag_overrides(model_config, g, args))  # --num-experts, --moe-*, expert layout
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         if g.pp_size > 1:
             overrides.update(pipeline_model_parallel_size=g.pp_size, pipeline_dtype=dtype)
         self.model = build_gpt_model(model_config, dtype=dtype, seed=args.seed, pre_process=g.is_first_stage,
                                      post_process=g.is_last_stage, attention_backend=args.attention_backend,
                                      **overrides)
-        load_megatron_checkpoint(self.model, self.base_dir)  # this rank's TP shard and stage
+        self.base.load_into(self.model)  # this rank's TP shard and stage
         self.model.to(self.device)
         self.log(f"loaded {'training checkpoint' if self.resuming else 'base'} {self.base_dir} (TP={g.tp_size}, "
                  f"PP={g.pp_size}, DP={g.dp_size}, {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M "
@@ -206,7 +209,7 @@ class FinetuneRecipe:
     def checkpoint_state(self) -> TrainerState:
         """What a checkpoint saves and restores of this run."""
         return TrainerState(model=self.model, optimizer=self.optimizer, groups=self.groups, data=self.iterators,
-                            iteration=self.iteration, meta=self.meta, seed=self.args.seed, base_dir=self.base_dir)
+                            iteration=self.iteration, meta=self.meta, seed=self.args.seed, base_dir=self.base)
 
     # ---- one step, evaluation, checkpoint ------------------------------------------------------
     def train_step(self) -> float:
@@ -225,7 +228,8 @@ class FinetuneRecipe:
             self.guard.after_step(self.iteration + 1, opt)
         opt.zero_grad(set_to_none=True)
         self.iteration += 1
-        all_reduce_(step_loss, self.groups.dp_group)
+        all_reduce_(step_loss, self.groups.dp_group)  # losses and real tokens (throughput) over DP
+        self.step_tokens = float(step_loss[2])
         return float(step_loss[0] / step_loss[1])
 
     def evaluate(self) -> float:
@@ -259,7 +263,7 @@ class FinetuneRecipe:
         try:
             if self.valid_batches is not None:
                 r["valid_loss_before"] = self._evaluate_and_log("held-out loss at iteration")
-            stop, self.last_log = StopSignal(), time.time()
+            stop, self.throughput = StopSignal(), Throughput()
             self.model.train()
             while self.iteration < self.train_iters:
                 r["train_loss"] = self.train_step()
@@ -294,11 +298,11 @@ class FinetuneRecipe:
 
     def _log_step(self, loss: float) -> None:
         args, it = self.args, self.iteration
+        self.throughput.add(self.step_tokens)
         if it % args.log_interval == 0 or it == self.train_iters:
-            now = time.time()
-            tps = self.global_batch * args.seq_length * args.log_interval / max(now - self.last_log, 1e-9)
-            self.last_log = now
-            self.logger.log_step(it, self.train_iters, loss, self.lr, tps, **self._optimizer_report())
+            tokens, seconds = self.throughput.take()  # real (non-pad) tokens of every DP rank
+            self.logger.log_step(it, self.train_iters, loss, self.lr, tokens / seconds, real_tokens=tokens,
+                                 **self._optimizer_report())
         self.logger.step({"loss": f"{loss:.3f}"})
 
     def _optimizer_report(self) -> dict:
@@ -320,8 +324,11 @@ def main(argv=None) -> dict:
         return results
     if recipe.args.save:
         recipe.save()
+    if recipe.args.export_hf_adapter:  # before export_merged_hf, which merges LoRA / PiSSA into W in place
+        export_trained_adapter(recipe.args, recipe.rank0, lambda d: CHECKPOINT_FORMATS[recipe.args.ckpt_format].save(
+            recipe.checkpoint_state(), d), recipe.log)
     if recipe.args.export_hf:
-        export_merged_hf(recipe.model, recipe.groups, recipe.base_dir, recipe.args.export_hf, recipe.args.peft,
+        export_merged_hf(recipe.model, recipe.groups, recipe.base, recipe.args.export_hf, recipe.args.peft,
                          recipe.log)
     return results
 

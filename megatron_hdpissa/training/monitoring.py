@@ -5,11 +5,37 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from megatron_hdpissa.distributed.collectives import MAX, all_reduce_, collective_device
+
+
+def real_tokens(batch: dict) -> int:
+    """Real (non-pad) positions of a micro-batch: each row up to its last supervised position,
+    since every example ends in a supervised label and padding only follows the row's last one."""
+    mask = batch["loss_mask"] > 0
+    ends = (mask * torch.arange(1, mask.shape[1] + 1)).amax(dim=1)
+    return int(ends.sum())
+
+
+class Throughput:
+    """Real tokens between log lines: `add` each step's tokens; `take` at a log line returns
+    (tokens, seconds) since the previous one and starts counting again."""
+
+    def __init__(self):
+        self.tokens, self.since = 0.0, time.time()
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def take(self) -> tuple[float, float]:
+        now = time.time()
+        out = (self.tokens, max(now - self.since, 1e-9))
+        self.tokens, self.since = 0.0, now
+        return out
 
 
 class Logger:
@@ -50,10 +76,11 @@ class Logger:
 
     def log_step(self, it: int, total: int, loss: float, lr: float, tokens_per_s: float, *,
                  grad_norm: float | None = None, comm_bytes: int | None = None, loss_scale: float | None = None,
-                 skipped_steps: int | None = None) -> None:
-        """One step's line and scalars: loss, lr, throughput, and what the optimizer reported (the
-        gradient norm; HD-PiSSA's bytes sent this step; the --fp16 loss scale and skipped steps)."""
-        extra, text = {}, ""
+                 skipped_steps: int | None = None, real_tokens: float | None = None) -> None:
+        """One step's line and scalars: loss, lr, throughput (real tokens / s; `real_tokens`: how many
+        since the last line, over all DP ranks), and what the optimizer reported (the gradient
+        norm; HD-PiSSA's bytes sent this step; the --fp16 loss scale and skipped steps)."""
+        extra, text = ({} if real_tokens is None else {"real_tokens": real_tokens}), ""
         if grad_norm is not None:
             extra["grad_norm"] = grad_norm
             text += f" | grad norm {grad_norm:.3f}"

@@ -13,18 +13,21 @@ from megatron_hdpissa.data.batches import attention_mask
 from megatron_hdpissa.models.output_positions import at_positions, logits_at, supervised_positions
 from megatron_hdpissa.peft.hd_pissa.model import active_slice
 from megatron_hdpissa.distributed.groups import ParallelGroups
+from megatron_hdpissa.training.monitoring import real_tokens
 
 
 # ---- the loss -----------------------------------------------------------------------------------
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, num_real: int = 0):
     """megatron-core's 3-tuple: (sum of masked token losses, token count, what to report). The
     schedule divides the first by the count and by the number of micro-batches, so each
-    micro-batch contributes its mean token loss / num_microbatches to the step's gradient."""
+    micro-batch contributes its mean token loss / num_microbatches to the step's gradient.
+    `num_real`: the micro-batch's real (non-pad) tokens, reported for the throughput."""
     loss_sum = (output_tensor.float() * loss_mask).sum()
     count = loss_mask.sum()
     # the schedule divides loss_sum in place: report copies
     reported = {"mean": loss_sum.detach() / count.clamp(min=1),
-                "sum": loss_sum.detach().double().clone(), "count": count.detach().double()}
+                "sum": loss_sum.detach().double().clone(), "count": count.detach().double(),
+                "real_tokens": float(num_real)}
     return loss_sum, count.int(), reported
 
 
@@ -56,8 +59,9 @@ def make_forward_step(device, supervised_logits: bool = True):
     `supervised_logits=False` computes the logits at every position (for comparison)."""
 
     def forward_step(data_iterator, model):
-        out, loss_mask = run_micro_batch(model, next(data_iterator), device, supervised_logits)
-        return out, functools.partial(loss_func, loss_mask)
+        batch = next(data_iterator)
+        out, loss_mask = run_micro_batch(model, batch, device, supervised_logits)
+        return out, functools.partial(loss_func, loss_mask, num_real=real_tokens(batch))
 
     return forward_step
 
@@ -126,14 +130,15 @@ def forward_backward(train_model, adapted_model, iterators, micro_per_slice: int
                      ddp=None) -> torch.Tensor:
     """Every local slice's micro-batches through the schedule with that slice active (virtual
     ranks); gradients accumulate over slices and DP is synchronised once, after the last.
-    Returns (sum of micro-batch mean losses, micro-batch count) of this DP rank, on every stage."""
+    Returns (sum of micro-batch mean losses, micro-batch count, real tokens) of this DP rank, on
+    every stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     schedule = get_forward_backward_func()
     config = get_model_config(train_model)
     finalize, no_sync = config.finalize_model_grads_func, config.no_sync_func
-    step_loss = torch.zeros(2, dtype=torch.float64, device=device)  # summed on the device: no sync per micro-batch
+    step_loss = torch.zeros(3, dtype=torch.float64, device=device)  # summed on the device: no sync per micro-batch
     forward_step = make_forward_step(device)
     try:
         for v in range(slices):
@@ -150,6 +155,7 @@ def forward_backward(train_model, adapted_model, iterators, micro_per_slice: int
             for out in outs:
                 step_loss[0] += out["mean"].detach().double()
                 step_loss[1] += 1
+                step_loss[2] += out["real_tokens"]
     finally:
         config.finalize_model_grads_func, config.no_sync_func = finalize, no_sync
     return _from_last_stage(step_loss, groups)

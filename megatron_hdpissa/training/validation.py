@@ -8,6 +8,7 @@ from pathlib import Path
 
 DATA_FLAGS = (("--data-path", "data_path"), ("--valid-data-path", "valid_data_path"))
 OUTPUT_FLAGS = (("--save", "save", True), ("--export-hf", "export_hf", True),
+                ("--export-hf-adapter", "export_hf_adapter", True),
                 ("--tensorboard-dir", "tensorboard_dir", True), ("--log-json", "log_json", False))
 
 
@@ -46,20 +47,21 @@ def check_data_files(args) -> None:
                                                         else "does not exist"))
 
 
-def read_inputs(args, base_dir: Path):
+def read_inputs(args, base):
     """(tokenizer, training dataset, held-out dataset or None), read and checked: the tokenizer
-    fits the model's vocabulary, every JSONL line parses (errors name `file:line`)."""
-    from megatron_hdpissa.checkpoint.atomic import TOKENIZER_DIR
-    from megatron_hdpissa.data.sft import SFTDataset
+    fits the model's vocabulary, every JSONL line parses (errors name `file:line`). `base`: the
+    resolved --pretrained-checkpoint / --load (convert.pretrained.PretrainedBase)."""
+    from megatron_hdpissa.data.chat import load_sft_jsonl
     from megatron_hdpissa.data.tokenizer import build_tokenizer, check_vocab_fits
-    from megatron_hdpissa.models.config import ModelConfig
 
     check_data_files(args)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or str(base_dir / TOKENIZER_DIR))
-    check_vocab_fits(tokenizer, ModelConfig.load(base_dir).vocab_size)
+    if not args.tokenizer_model and base.tokenizer_dir is None:
+        raise ValueError(f"--tokenizer-model is needed: {base.directory} ({base.kind}) holds no tokenizer")
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model or str(base.tokenizer_dir))
+    check_vocab_fits(tokenizer, base.model_config.vocab_size)
     fields = dict(prompt_field=args.prompt_field, response_field=args.response_field,
-                  input_field=args.input_field, template=args.prompt_template)
-    train = SFTDataset.from_jsonl(args.data_path, tokenizer, args.seq_length, **fields)
-    valid = SFTDataset.from_jsonl(args.valid_data_path, tokenizer, args.seq_length, **fields) \
+                  input_field=args.input_field, template=args.prompt_template, data_format=args.data_format)
+    train = load_sft_jsonl(args.data_path, tokenizer, args.seq_length, **fields)
+    valid = load_sft_jsonl(args.valid_data_path, tokenizer, args.seq_length, **fields) \
         if args.valid_data_path else None
     return tokenizer, train, valid

@@ -20,7 +20,7 @@ from benchmarks.dist_bytes import payload_bytes, ring_bytes_sent
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ("bench_step", "bench_dist", "bench_trainer", "bench_decompose", "bench_memory", "bench_checkpoint",
-           "study")
+           "study", "bench_e2e", "profile_step")
 # flags benchmarks/gpu_check.sh passes after finding them in a script's --help
 GPU_CHECK_FLAGS = {"bench_step": ("--svd", "--timeout", "--methods", "--device", "--llama7b", "--json-out"),
                    "bench_dist": ("--svd", "--timeout", "--methods", "--nproc", "--dtype", "--markdown-out"),

@@ -17,7 +17,7 @@ PRELOAD = ["torch", "megatron.core", "megatron.core.parallel_state", "megatron_h
            "megatron_hdpissa.training.finetune", "transformers", "tests.helpers.distributed"]
 
 
-def _worker(rank, world_size, tp, port, fn, args, out_dir, backend, pp, environ, cwd):
+def _worker(rank, world_size, tp, port, fn, args, out_dir, backend, pp, environ, cwd, ep=1, etp=None):
     # a forkserver child starts with the forkserver's environment and folder, not the test's
     os.environ.clear()
     os.environ.update(environ)
@@ -28,7 +28,8 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir, backend, pp, environ,
     )
     torch.set_num_threads(1)
     try:
-        initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend=backend)
+        initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend=backend,
+                   expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
         result = fn(*args)
         error = None
     except BaseException:  # noqa: BLE001 - shipped back to the parent test
@@ -42,14 +43,16 @@ def _worker(rank, world_size, tp, port, fn, args, out_dir, backend, pp, environ,
 
 
 def run_distributed(fn, world_size: int, tp: int = 1, args: tuple = (), backend: str = "gloo",
-                    pp: int = 1) -> list:
+                    pp: int = 1, ep: int = 1, etp: int | None = None) -> list:
     """Spawn `world_size` processes, run `fn(*args)` in each after megatron-core initialisation
-    with tensor / pipeline parallel sizes `tp` / `pp`, and return the per-rank results (re-raising any failure)."""
+    with tensor / pipeline / expert-model / expert-tensor parallel sizes `tp` / `pp` / `ep` /
+    `etp` (None: TP), and return the per-rank results (re-raising any failure)."""
     mp.set_forkserver_preload(PRELOAD)  # read when the forkserver starts (first call of the session)
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, tp, free_port(), fn, args, out_dir, backend, pp, dict(os.environ), os.getcwd()),
+            args=(world_size, tp, free_port(), fn, args, out_dir, backend, pp, dict(os.environ), os.getcwd(),
+                  ep, etp),
             nprocs=world_size,
             join=True,
             start_method="forkserver",

@@ -59,3 +59,28 @@ def tiny_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_tr
         write_jsonl(heldout[:num_heldout], str(root / "heldout.jsonl"))
         out["heldout"] = root / "heldout.jsonl"
     return out
+
+
+def tiny_moe_hf_config(family: str, **overrides):
+    """A tiny transformers MoE config: `family` "qwen3_moe" (Qwen3MoeConfig), "mixtral"
+    (MixtralConfig) or "qwen2_moe" (Qwen2MoeConfig, shared expert FFN 48); 4 experts, top-2, hidden 64, 2 layers, 4 heads / 2 KV heads of 16, vocab 128,
+    expert FFN 32. Save it with `save_random_hf_model(config, path, seed)`."""
+    import transformers
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, vocab_size=128, max_position_embeddings=256, num_experts_per_tok=2)
+    if family == "qwen3_moe":
+        fields = dict(common, num_experts=4, moe_intermediate_size=32, intermediate_size=48,
+                      architectures=["Qwen3MoeForCausalLM"])
+        fields.update(overrides)
+        return transformers.Qwen3MoeConfig(**fields)
+    if family == "mixtral":
+        fields = dict(common, num_local_experts=4, intermediate_size=32, architectures=["MixtralForCausalLM"])
+        fields.update(overrides)
+        return transformers.MixtralConfig(**fields)
+    if family == "qwen2_moe":  # a gated shared expert and q/k/v biases
+        fields = dict(common, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                      intermediate_size=48, architectures=["Qwen2MoeForCausalLM"])
+        fields.update(overrides)
+        return transformers.Qwen2MoeConfig(**fields)
+    raise ValueError(f"unknown MoE family {family!r}")

@@ -33,6 +33,53 @@ def _seq_reduce_scatter(t: torch.Tensor, group, tp_size: int) -> torch.Tensor:
     return out
 
 
+def thin_grads(ad, x2: torch.Tensor, dy2: torch.Tensor, a_list, b_list) -> list[torch.Tensor]:
+    """[g_A, g_B] per part of adapter `ad` from the flattened input `x2` (tokens x n_local) and
+    output gradient `dy2` (tokens x m_local), with thin products and TP collectives only."""
+    s = ad.scale
+    r = ad.rank
+    grads = []
+    sp = ad.sequence_parallel and ad.tp_size > 1
+    if ad.kind == COLUMN:
+        # u = dY B (tokens x P r) summed over TP shards of B's rows; v = X A^T is local.
+        a_cat = torch.cat(a_list, 0) if len(a_list) > 1 else a_list[0]
+        v = x2 @ a_cat.t()
+        dy_parts = [p.select_cols(dy2) for p in ad.parts]
+        u = torch.cat([dyp @ b for dyp, b in zip(dy_parts, b_list)], 1)
+        if sp:
+            # X is sequence-sharded: v over all tokens is an all-gather of x_l A^T; g_A sums
+            # u^T X over TP ranks and sequence shards: reduce-scatter u to this rank's
+            # tokens, u_l^T x_l, then one r x n all-reduce over TP.
+            v = _seq_all_gather(v, ad.tp_group, ad.tp_size)
+            u = _seq_reduce_scatter(u, ad.tp_group, ad.tp_size)
+            g_a_cat = _tp_all_reduce(u.t() @ x2, ad.tp_group).mul_(s)
+        else:
+            _tp_all_reduce(u, ad.tp_group)
+            g_a_cat = (u.t() @ x2).mul_(s)
+        for i, dyp in enumerate(dy_parts):
+            g_a = g_a_cat[i * r:(i + 1) * r]
+            g_b = (dyp.t() @ v[:, i * r:(i + 1) * r]).mul_(s)
+            grads += [g_a, g_b]
+    else:
+        # Row-parallel: X and A are sharded along n, so v = X A^T needs a TP sum.
+        (a,), (b,) = a_list, b_list
+        u = dy2 @ b
+        if sp:
+            # The output was reduce-scattered along the sequence, so dy is this rank's
+            # tokens: dY B over all tokens is an all-gather of dy_l B; X A^T summed over TP
+            # is reduce-scattered to these tokens, then dy_l^T v_l summed over TP (m x r).
+            u = _seq_all_gather(u, ad.tp_group, ad.tp_size)
+            v = _seq_reduce_scatter(x2 @ a.t(), ad.tp_group, ad.tp_size)
+            g_a = (u.t() @ x2).mul_(s)
+            g_b = _tp_all_reduce(dy2.t() @ v, ad.tp_group).mul_(s)
+        else:
+            v = _tp_all_reduce(x2 @ a.t(), ad.tp_group)
+            g_a = (u.t() @ x2).mul_(s)
+            g_b = (dy2.t() @ v).mul_(s)
+        grads += [g_a, g_b]
+    return grads
+
+
 class _FactorGrad(torch.autograd.Function):
     """Identity on the base output; its backward turns dY and X into the factor gradients
     g_A = s (dY B)^T X and g_B = s dY^T (X A^T) without forming any m x n matrix.
@@ -54,7 +101,6 @@ class _FactorGrad(torch.autograd.Function):
     def backward(ctx, d_out):
         x, *factors = ctx.saved_tensors
         ad: HDPiSSAAdapter = ctx.adapter
-        s = ad.scale
         compute_dtype = d_out.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
         if ad.scatter_input and ad.tp_size > 1:  # row-parallel layer that splits its input itself
@@ -67,46 +113,8 @@ class _FactorGrad(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         a_list = [f.to(compute_dtype) for f in factors[0::2]]
         b_list = [f.to(compute_dtype) for f in factors[1::2]]
-        r = ad.rank
-        grads = []
-        sp = ad.sequence_parallel and ad.tp_size > 1
-        if ad.kind == COLUMN:
-            # u = dY B (tokens x P r) summed over TP shards of B's rows; v = X A^T is local.
-            a_cat = torch.cat(a_list, 0) if len(a_list) > 1 else a_list[0]
-            v = x2 @ a_cat.t()
-            dy_parts = [p.select_cols(dy2) for p in ad.parts]
-            u = torch.cat([dyp @ b for dyp, b in zip(dy_parts, b_list)], 1)
-            if sp:
-                # X is sequence-sharded: v over all tokens is an all-gather of x_l A^T; g_A sums
-                # u^T X over TP ranks and sequence shards: reduce-scatter u to this rank's
-                # tokens, u_l^T x_l, then one r x n all-reduce over TP.
-                v = _seq_all_gather(v, ad.tp_group, ad.tp_size)
-                u = _seq_reduce_scatter(u, ad.tp_group, ad.tp_size)
-                g_a_cat = _tp_all_reduce(u.t() @ x2, ad.tp_group).mul_(s)
-            else:
-                _tp_all_reduce(u, ad.tp_group)
-                g_a_cat = (u.t() @ x2).mul_(s)
-            for i, dyp in enumerate(dy_parts):
-                g_a = g_a_cat[i * r:(i + 1) * r]
-                g_b = (dyp.t() @ v[:, i * r:(i + 1) * r]).mul_(s)
-                grads += [g_a.to(factors[2 * i].dtype), g_b.to(factors[2 * i + 1].dtype)]
-        else:
-            # Row-parallel: X and A are sharded along n, so v = X A^T needs a TP sum.
-            (a,), (b,) = a_list, b_list
-            u = dy2 @ b
-            if sp:
-                # The output was reduce-scattered along the sequence, so dy is this rank's
-                # tokens: dY B over all tokens is an all-gather of dy_l B; X A^T summed over TP
-                # is reduce-scattered to these tokens, then dy_l^T v_l summed over TP (m x r).
-                u = _seq_all_gather(u, ad.tp_group, ad.tp_size)
-                v = _seq_reduce_scatter(x2 @ a.t(), ad.tp_group, ad.tp_size)
-                g_a = (u.t() @ x2).mul_(s)
-                g_b = _tp_all_reduce(dy2.t() @ v, ad.tp_group).mul_(s)
-            else:
-                v = _tp_all_reduce(x2 @ a.t(), ad.tp_group)
-                g_a = (u.t() @ x2).mul_(s)
-                g_b = (dy2.t() @ v).mul_(s)
-            grads += [g_a.to(factors[0].dtype), g_b.to(factors[1].dtype)]
+        grads = thin_grads(ad, x2, dy2, a_list, b_list)
+        grads = [g.to(f.dtype) for g, f in zip(grads, factors)]
         return (d_out, None, None, *grads)
 
 

@@ -15,6 +15,9 @@ from megatron_hdpissa.peft.common import (
 )
 from megatron_hdpissa.peft.decomposition import Unit, decompose_units, slice_factors
 from megatron_hdpissa.peft.hd_pissa.config import HDPiSSAConfig
+from megatron_hdpissa.peft.hd_pissa.experts import (
+    ExpertAdapter, build_expert_adapter, decompose_expert, is_expert_linear,
+)
 from megatron_hdpissa.peft.hd_pissa.layer import CHILD, HDPiSSAAdapter
 
 
@@ -39,9 +42,14 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
     freeze_base(model, config.trainable_modules)
     what = (f"{groups.dp_size} data-parallel ranks x {local_slices} virtual ranks x "
             f"{{name}} {config.rank}")
+    layouts: dict = {}  # per MoE layer: its expert layout and routing capture
     for t in targets:
         check_components(t, num_slices * config.rank, what)
         module = t.module
+        if is_expert_linear(module):
+            attach_adapter(module, CHILD, build_expert_adapter(model, t, config, groups, layouts))
+            freeze_target(t, config.trainable_modules)
+            continue
         adapter = HDPiSSAAdapter(
             layer_name=t.name, kind=t.kind, parts=t.parts, rank=config.rank, scale=config.scale,
             local_slices=local_slices, num_slices=num_slices, first_slice=first_slice,
@@ -68,14 +76,19 @@ def decompose_hd_pissa(model: nn.Module, progress: bool = False) -> None:
     config: HDPiSSAConfig = model.hd_pissa_config
     groups: ParallelGroups = model.hd_pissa_groups
     adapters = {name: ad for name, _, ad in iter_adapters(model)}
-    units = []
+    units, experts = [], []
     for t in find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition):
         ad = adapters[t.name]
+        if isinstance(ad, ExpertAdapter):
+            experts.append((ad, t))
+            continue
         for part, (m, n) in zip(t.parts, t.shapes):
             fill = functools.partial(fill_hd_pissa, ad, part.name, groups)
             units.append(Unit(t.kind, t.module.weight, part, m, n, ad.num_slices * ad.rank, fill))
     decompose_units(units, groups, config.svd_method, config.svd_oversampling, config.svd_niter,
                     config.seed, progress=progress)
+    for ad, t in experts:
+        decompose_expert(ad, t, config)
 
 
 def fill_hd_pissa(ad: HDPiSSAAdapter, part: str, groups: ParallelGroups, u, s, v) -> None:

@@ -12,8 +12,8 @@ from torch import nn
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.models.recompute import ensure_block_input_requires_grad
 from megatron_hdpissa.peft.common import (
-    LORA, ROW, add_part_delta_, attach_adapter, check_components, detach_adapter, find_targets, freeze_base,
-    freeze_target, global_layer_name, iter_children, record_method, shard_factors,
+    LORA, ROW, ConfigError, add_part_delta_, attach_adapter, check_components, detach_adapter, find_targets,
+    freeze_base, freeze_target, global_layer_name, iter_children, record_method, shard_factors,
 )
 from megatron_hdpissa.peft.decomposition import Unit, decompose_units
 from megatron_hdpissa.peft.lowrank.config import LowRankConfig
@@ -35,6 +35,13 @@ def apply_lowrank(model: nn.Module, config: LowRankConfig, groups: Optional[Para
         raise TypeError(f"apply_lowrank takes a LowRankConfig, got {type(config).__name__}")
     groups = groups or ParallelGroups.from_megatron()
     targets = find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition)
+    experts = [t.name for t in targets if getattr(t.module, "is_expert", False)]
+    if experts and (getattr(groups, "ep_size", 1) > 1 or getattr(groups, "etp_size", groups.tp_size) != groups.tp_size):
+        # one adapter per expert, averaged over DP and split over TP, is right only when every rank
+        # holds every expert split as the dense layers are
+        raise ConfigError("target_modules", (
+            f"{experts[0]}: LoRA / PiSSA on expert linears needs expert-parallel size 1 and expert-TP = TP "
+            "(per-expert adapters over the expert-DP group are not implemented); leave the experts out of {name}"))
     freeze_base(model, config.trainable_modules)
     units = []
     for t in targets:
