@@ -30,6 +30,10 @@ setup(
     entry_points={
         "console_scripts": [
             "hdpissa-finetune=megatron_hdpissa.training.finetune:cli",
+            "hdpissa-convert-hf-to-megatron=megatron_hdpissa.cli.convert_hf_to_megatron:main",
+            "hdpissa-convert-megatron-to-hf=megatron_hdpissa.cli.convert_megatron_to_hf:main",
+            "hdpissa-effective-rank=megatron_hdpissa.cli.effective_rank:main",
+            "hdpissa-plot-curves=megatron_hdpissa.cli.plot_curves:main",
         ],
     },
 )

@@ -153,7 +153,7 @@ def effective_rank(st: Study, best_runs: dict) -> dict:
     import torch
 
     from megatron_hdpissa.analysis.effective_rank import analyse, write_json
-    from tools.plotting import plot_spectra
+    from megatron_hdpissa.analysis.plotting import plot_spectra
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small float64 factorisations: one thread is faster on a busy machine

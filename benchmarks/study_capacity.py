@@ -206,7 +206,7 @@ def effective_rank(st: Study, exports: dict) -> dict:
     import torch
 
     from megatron_hdpissa.analysis.effective_rank import analyse, write_json
-    from tools.plotting import plot_spectra
+    from megatron_hdpissa.analysis.plotting import plot_spectra
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

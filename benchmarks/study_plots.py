@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def plot_all(study: dict, out: Path) -> None:
-    from tools.plotting import plot_learning_curves
+    from megatron_hdpissa.analysis.plotting import plot_learning_curves
 
     a = study["analysis"]
     curves = {f"{m} (lr {a['per_method'][m]['best_lr']:g}, seed {study['args']['seeds'][1]})":

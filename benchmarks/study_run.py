@@ -176,7 +176,7 @@ def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tup
     """Train (or reuse) one run, then evaluate its export on `keys`; returns its record. `command`
     (a function of the run folder) replaces the trainer command of `task`; `entry` is the module
     torchrun starts, `nproc` its process count (default --nproc)."""
-    from tools.plotting import read_log_json
+    from megatron_hdpissa.analysis.plotting import read_log_json
 
     name = name or run_name(task, method, lr, seed)
     run = st.out / "runs" / name

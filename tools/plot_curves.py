@@ -1,42 +1,12 @@
 #!/usr/bin/env python
-"""Learning curves of several runs side by side (training loss and held-out loss vs iteration)
-from the trainer's --log-json files, as one PNG.
-
-    python tools/plot_curves.py hd-pissa=runs/hd/log.jsonl lora=runs/lora/log.jsonl --out curves.png
-"""
-from __future__ import annotations
-
-import argparse
+"""`hdpissa-plot-curves` from a source checkout. The tool is megatron_hdpissa/cli/plot_curves.py;
+`pip install .` installs it as the `hdpissa-plot-curves` command, with the same flags."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("logs", nargs="+", metavar="NAME=LOG_JSON", help="a bare path is named after its file")
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--smooth", type=int, default=1, help="moving average over this many iterations")
-    p.add_argument("--title", default="")
-    args = p.parse_args(argv)
-    from tools.plotting import plot_learning_curves, read_log_json
-
-    runs = {}
-    try:
-        for item in args.logs:
-            name, sep, path = item.partition("=")
-            if not sep:
-                name, path = os.path.splitext(os.path.basename(item))[0], item
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such --log-json file")
-            runs[name] = read_log_json(path)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {plot_learning_curves(runs, args.out, args.title, args.smooth)}")
-    return 0
-
+from megatron_hdpissa.cli.plot_curves import main  # noqa: E402 (after the path insert)
 
 if __name__ == "__main__":
     sys.exit(main())

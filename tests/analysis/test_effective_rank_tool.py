@@ -252,7 +252,7 @@ def test_real_lora_checkpoint_agrees_with_its_export(tmp_path, smollm2_hf_dir, g
 
 # ---- the command-line tools --------------------------------------------------------------------
 def test_cli_writes_json_and_png(tiny, tmp_path, capsys):
-    from tools.plotting import read_log_json
+    from megatron_hdpissa.analysis.plotting import read_log_json
 
     out_json, out_png = tmp_path / "rank.json", tmp_path / "spectra.png"
     rc = load_tool("effective_rank").main([

@@ -1,0 +1,1 @@
+"""Command-line tools (installed as `hdpissa-*` commands; `tools/*.py` runs them from a source checkout)."""
