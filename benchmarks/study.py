@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import study_budget  # noqa: E402
 from benchmarks import study_metrics as sm  # noqa: E402
-from benchmarks.study_run import Study, drop_export, evaluate, fine_tune, prepare  # noqa: E402
+from benchmarks.study_run import Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare  # noqa: E402
 
 METHODS = ("hd-pissa", "pissa", "lora", "full")
 # Sweep centres on the half-decade grid. HD-PiSSA sums K Adam steps per step, so its best LR is
@@ -102,20 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [x for x in a.methods if x not in METHODS]
     if bad or not a.methods:
         p.error(f"--methods {bad or a.methods}: choose from {METHODS}")
-    if a.k % a.nproc:
-        p.error(f"--nproc {a.nproc} must divide --k {a.k}")
-    a.seeds = [int(x) for x in a.seeds.split(",")]
-    if len(a.seeds) != 2:
-        p.error("--seeds takes two seeds: the sweep's and the repeat's")
-    centres = dict(LR_CENTRES)
-    for item in a.lr_centres.split(","):
-        name, _, value = item.partition("=")
-        if name not in METHODS or not value:
-            p.error(f"--lr-centres: bad item {item!r}")
-        centres[name] = float(value)
-    a.lr_centres = centres
-    if not 1 <= a.lrs <= a.max_lrs:
-        p.error("need 1 <= --lrs <= --max-lrs")
+    check_sweep_args(p, a, METHODS, LR_CENTRES)
     if a.num_em > a.num_test:
         p.error("--num-em must not exceed --num-test (exact match is decoded on test problems)")
     a.global_batch = a.k  # micro-batch 1 per slice: K rows per step

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import study_capacity_plan as plan  # noqa: E402
 from benchmarks import study_metrics as sm  # noqa: E402
-from benchmarks.study_run import Study, drop_export, evaluate, fine_tune, prepare  # noqa: E402
+from benchmarks.study_run import Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare  # noqa: E402
 
 METHODS = ("hd-pissa", "pissa", "lora", "full")
 LR_CENTRES = {"hd-pissa": 3e-4, "pissa": 1e-3, "lora": 3e-3, "full": 3e-4}  # the GSM8K study's best LRs
@@ -96,20 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k in a.k_sweep:
         if k % min(a.nproc, k) or (a.k * a.micro_batch) % (k * a.micro_batch):
             p.error(f"--k-sweep {k}: K must divide --k {a.k} and min(--nproc, K) must divide K")
-    if a.k % a.nproc:
-        p.error(f"--nproc {a.nproc} must divide --k {a.k}")
-    a.seeds = [int(x) for x in a.seeds.split(",")]
-    if len(a.seeds) != 2:
-        p.error("--seeds takes two seeds: the sweep's and the repeat's")
-    centres = dict(LR_CENTRES)
-    for item in a.lr_centres.split(","):
-        name, _, value = item.partition("=")
-        if name not in METHODS or not value:
-            p.error(f"--lr-centres: bad item {item!r}")
-        centres[name] = float(value)
-    a.lr_centres = centres
-    if not 1 <= a.lrs <= a.max_lrs:
-        p.error("need 1 <= --lrs <= --max-lrs")
+    check_sweep_args(p, a, METHODS, LR_CENTRES)
     if a.recall_points < 1 or not 0 < a.target_recall <= 1:
         p.error("need --recall-points >= 1 and 0 < --target-recall <= 1")
     a.calibrate_facts = sorted(int(x) for x in a.calibrate_facts.split(",") if x)

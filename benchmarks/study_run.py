@@ -224,3 +224,22 @@ def fine_tune(st: Study, task: str, method: str, lr: float, seed: int, keys: tup
 def drop_export(st: Study, rec: dict) -> None:
     if not st.args.keep_exports:
         shutil.rmtree(rec["hf"], ignore_errors=True)
+
+
+def check_sweep_args(p, a, methods, lr_centres: dict) -> None:
+    """The flags every study shares: --nproc / --k, --seeds (the sweep's and the repeat's),
+    --lr-centres (NAME=LR items over `lr_centres`), --lrs / --max-lrs; errors through `p.error`."""
+    if a.k % a.nproc:
+        p.error(f"--nproc {a.nproc} must divide --k {a.k}")
+    a.seeds = [int(x) for x in a.seeds.split(",")]
+    if len(a.seeds) != 2:
+        p.error("--seeds takes two seeds: the sweep's and the repeat's")
+    centres = dict(lr_centres)
+    for item in a.lr_centres.split(","):
+        name, _, value = item.partition("=")
+        if name not in methods or not value:
+            p.error(f"--lr-centres: bad item {item!r}")
+        centres[name] = float(value)
+    a.lr_centres = centres
+    if not 1 <= a.lrs <= a.max_lrs:
+        p.error("need 1 <= --lrs <= --max-lrs")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import bisect
 import json
 from dataclasses import dataclass
-from megatron_hdpissa.data.sft import ALPACA, CHAT, DataError, SFTDataset, TokenizedExample
+
+from megatron_hdpissa.data.sft import ALPACA, CHAT, DataError, SFTDataset, TokenizedExample, jsonl_records
 from megatron_hdpissa.data.tokenizer import Tokenizer
 
 # --data-format values: `auto` reads a file whose first record holds `messages` or `conversations`
@@ -76,34 +77,18 @@ def parse_record(record, where: str) -> Conversation:
 def read_chat_jsonl(path: str) -> list[Conversation]:
     """Every conversation of a chat JSONL file; blank lines skipped, errors name `file:line`."""
     conversations = []
-    for where, record in _records(path):
+    for where, record in jsonl_records(path):
         conversations.append(parse_record(record, where))
     if not conversations:
         raise DataError(f"{path}: no examples (the file holds no JSON lines)")
     return conversations
 
 
-def _records(path: str):
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-
-
 def is_chat_file(path: str) -> bool:
     """Whether the first record of `path` holds `messages` or `conversations` (--data-format auto);
     a file whose first line does not parse is left to the reader that reports it."""
     try:
-        for _, record in _records(path):
+        for _, record in jsonl_records(path):
             return isinstance(record, dict) and any(s[0] in record for s in STYLES)
     except DataError:
         return False

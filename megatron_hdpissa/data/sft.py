@@ -75,6 +75,25 @@ class TokenizedExample:
 # Reading
 
 
+def jsonl_records(path: str):
+    """(`path:line`, parsed value) per non-blank line of a JSONL file; a line that is not UTF-8 or
+    not JSON is a `DataError` naming the file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield where, value
+
+
 def read_jsonl_examples(
     path: str,
     prompt_field: str = "question",
@@ -86,36 +105,24 @@ def read_jsonl_examples(
     `input_field` (Alpaca's `input`) is optional per record: missing or null reads as "".
     """
     examples = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            values = []
-            for role, name in (("prompt", prompt_field), ("response", response_field), ("input", input_field)):
-                if role == "input":
-                    value = record.get(name) if name else None
-                    value = "" if value is None else value
-                elif name not in record:
-                    raise DataError(
-                        f"{where}: missing {role} field {name!r} (--{role}-field); keys are {sorted(record)}"
-                    )
-                else:
-                    value = record[name]
-                if not isinstance(value, str):
-                    raise DataError(f"{where}: {role} field {name!r} must be a string, got {type(value).__name__}")
-                values.append(value)
-            examples.append(SFTExample(*values))
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        values = []
+        for role, name in (("prompt", prompt_field), ("response", response_field), ("input", input_field)):
+            if role == "input":
+                value = record.get(name) if name else None
+                value = "" if value is None else value
+            elif name not in record:
+                raise DataError(
+                    f"{where}: missing {role} field {name!r} (--{role}-field); keys are {sorted(record)}"
+                )
+            else:
+                value = record[name]
+            if not isinstance(value, str):
+                raise DataError(f"{where}: {role} field {name!r} must be a string, got {type(value).__name__}")
+            values.append(value)
+        examples.append(SFTExample(*values))
     if not examples:
         raise DataError(f"{path}: no examples (the file holds no JSON lines)")
     return examples
