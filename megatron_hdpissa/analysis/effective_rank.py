@@ -10,6 +10,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from megatron_hdpissa.analysis.experts import expert_matrix_names, hf_moe_config
+
 DEFAULT_THRESHOLD = 1e-3
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PROJECTION_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
@@ -129,7 +131,7 @@ def open_checkpoint(path, merge_adapters: bool = True) -> Checkpoint:
         config = json.loads((path / "config.json").read_text())
         folder = SafetensorsFolder(path)
         return Checkpoint(path, "hf", int(config["num_hidden_layers"]), "Hugging Face folder", hf_folder=folder,
-                          dtype=_stored_dtype(folder))
+                          dtype=_stored_dtype(folder), model_config=hf_moe_config(config))
     from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
     from megatron_hdpissa.checkpoint.trainer_state import is_training_checkpoint, read_meta
     from megatron_hdpissa.convert.load import load_megatron_state_dict
@@ -209,14 +211,15 @@ def _select_layers(num_layers: int, layers: Optional[Sequence[int]]) -> list[int
 def analyse_pair(base: Checkpoint, finetuned: Checkpoint, threshold: float = DEFAULT_THRESHOLD,
                  projections: Sequence[str] = PROJECTIONS,
                  layers: Optional[Sequence[int]] = None) -> list[MatrixResult]:
-    """Spectrum and effective rank of `W_T - W_0` for every (layer, projection)."""
+    """Spectrum and effective rank of `W_T - W_0` for every (layer, projection); on an MoE model
+    for every expert's matrix of the MLP projections (`experts.expert_matrix_names`)."""
     if base.num_layers != finetuned.num_layers:
         raise ValueError(f"{finetuned.path} has {finetuned.num_layers} layers but the base {base.path} has "
                          f"{base.num_layers}: not a fine-tune of that base")
     out = []
     for i in _select_layers(base.num_layers, layers):
-        for proj in projections:
-            name = hf_weight_name(i, proj)
+        for proj, name in [(p, n) for p in projections
+                           for n in expert_matrix_names(base.model_config, i, p) or [hf_weight_name(i, p)]]:
             w0, wt = base.weight(name), finetuned.weight(name)
             if w0.shape != wt.shape:
                 raise ValueError(f"{name}: shape {tuple(wt.shape)} in {finetuned.path} but "

@@ -11,6 +11,7 @@ ranks. `save(state, save_dir)` and `load(state, load_dir)` take a `trainer_state
                             slice is a sharding axis (as the expert axis of MoE), TP splits what
                             the layer splits (column: B's rows, row: A's columns), the other
                             factor is replicated over TP. Layers by global number, so PP may change.
+                            Experts: by global expert, global slice ids, expert-TP (trainer_dist_experts).
     "optimizer.<exp_avg|exp_avg_sq>.<key>"   the Adam moments, sharded like their parameter.
     "hd_pissa_master.<weight key>"  sharded-fp32 masters: the fp32 value of each targeted
                             weight, sharded like the weight (the DP row blocks are gathered on
@@ -39,11 +40,12 @@ import torch.distributed as dist
 from megatron_hdpissa.checkpoint.atomic import iteration_dir_name, read_tracker, world_rank
 from megatron_hdpissa.checkpoint.dist import (COMMON_LAYOUT_KEY, MODEL_KEY, load_dist_checkpoint,
                                               save_dist_checkpoint, slice_sharded_tensor)
+from megatron_hdpissa.checkpoint.trainer_dist_experts import expert_placement, weight_stores
 from megatron_hdpissa.checkpoint.trainer_state import (RESEED_ITERATION_STRIDE, Restored, TrainerState,
                                                        copy_base_files, is_adapter_key, rank_flag, reseed, rng_state,
                                                        set_rng_state, write_meta)
 from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scaler_state
-from megatron_hdpissa.peft.common import COLUMN, global_layer_name
+from megatron_hdpissa.peft.common import COLUMN
 from megatron_hdpissa.peft.lowrank.model import iter_lowrank
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -61,6 +63,8 @@ class FactorSpec:
     tp_axis: Optional[int]   # of one slice's tensor
     swiglu: bool
     sliced: bool             # HD-PiSSA (leading local-slice dim) or LoRA / PiSSA (none)
+    slice_ids: Optional[list] = None  # experts: each local slice's global slice (trainer_dist_experts)
+    groups: Optional[object] = None   # experts: their expert-TP / expert-DP groups; None: the run's
 
 
 def _fused_fc1(name: str, module, part) -> bool:
@@ -75,10 +79,7 @@ def factor_specs(model) -> list[FactorSpec]:
     out = []
     for prefix, adapters, sliced in (("hd_pissa", iter_adapters(model), True), ("lora", iter_lowrank(model), False)):
         for name, module, ad in adapters:
-            if getattr(ad, "expert_groups", None) is not None:  # keyed by local expert, slices not in K order
-                raise ValueError(f"{name}: torch_dist checkpoints of HD-PiSSA expert adapters are not implemented "
-                                 "yet (--ckpt-format torch keeps them at --expert-model-parallel-size 1 only)")
-            layer = global_layer_name(model, name)
+            layer, slice_ids, groups = expert_placement(model, name, ad)  # experts: global expert, slices
             column = ad.kind == COLUMN
             for part in ad.parts:
                 for which, param in (("a", ad.a[part.name]), ("b", ad.b[part.name])):
@@ -87,16 +88,19 @@ def factor_specs(model) -> list[FactorSpec]:
                     out.append(FactorSpec(
                         f"{prefix}.{layer}.{which}.{part.name}", param,
                         ad.first_slice if sliced else 0, ad.num_slices if sliced else 1, tp_axis,
-                        swiglu=split and which == "b" and _fused_fc1(name, module, part), sliced=sliced))
+                        swiglu=split and which == "b" and _fused_fc1(name, module, part), sliced=sliced,
+                        slice_ids=slice_ids, groups=groups))
     return out
 
 
 def _sharded(spec: FactorSpec, key: str, tensor: torch.Tensor, groups) -> list:
     """The ShardedTensors of `tensor` (the parameter or a moment of it) for spec's slices."""
+    groups = spec.groups or groups
     tp_replica = groups.tp_rank if spec.tp_axis is None else 0
     replica = tp_replica if spec.sliced else (tp_replica, groups.dp_rank)  # LoRA: replicated over DP
     pieces = [tensor[v] for v in range(tensor.shape[0])] if spec.sliced else [tensor]
-    return [slice_sharded_tensor(key, t, spec.first_slice + v, spec.num_slices, tp_axis=spec.tp_axis,
+    ids = spec.slice_ids or range(spec.first_slice, spec.first_slice + len(pieces))
+    return [slice_sharded_tensor(key, t, ids[v], spec.num_slices, tp_axis=spec.tp_axis,
                                  tp_rank=groups.tp_rank, tp_size=groups.tp_size, swiglu=spec.swiglu,
                                  replica_id=replica)
             for v, t in enumerate(pieces)]
@@ -168,11 +172,10 @@ def sharded_state(state: TrainerState, loading: bool = False) -> tuple[dict, dic
     for spec in specs.values():
         out[spec.key] = _sharded(spec, spec.key, torch.empty_like(spec.param) if loading else spec.param.detach(), g)
         restore.append((spec.key, _assign_param(spec)))
-    store = opt.weight_store if own else None
-    if store is not None:
+    for store, store_groups in weight_stores(state):  # dense over DP, experts over expert-DP
         for m in store.masters:
             local, entry = by_param[id(m.weight)]
-            full = torch.empty(m.weight.shape, dtype=torch.float32) if loading else gather_master(m, g)
+            full = torch.empty(m.weight.shape, dtype=torch.float32) if loading else gather_master(m, store_groups)
             key = f"hd_pissa_master.{local}"
             out[key] = like(entry, f"hd_pissa_master.{entry.key}", full)
             restore.append((key, lambda v, m=m: m.data.copy_(v[m.lo:m.hi])))

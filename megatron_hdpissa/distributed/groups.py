@@ -142,7 +142,13 @@ def initialize(
             expert_tensor_parallel_size=expert_tensor_parallel_size,
             create_gloo_process_groups=(backend != "gloo"),
         )
-    return ParallelGroups.from_megatron()
+    groups = ParallelGroups.from_megatron()
+    etp = tensor_model_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    if (groups.ep_size, groups.etp_size) != (expert_model_parallel_size, etp):  # set up before this call
+        raise ValueError(f"megatron-core is initialised with expert-parallel size {groups.ep_size}, expert-TP "
+                         f"{groups.etp_size}, but the flags ask for --expert-model-parallel-size "
+                         f"{expert_model_parallel_size} --expert-tensor-parallel-size {etp}")
+    return groups
 
 
 def check_expert_layout(world_size: int, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> None:

@@ -30,11 +30,15 @@ def tiny_llama_with_smollm2_tokenizer(path, smollm2_hf_dir, seed: int, **config)
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=49152, max_position_embeddings=256, architectures=["LlamaForCausalLM"], **config)
-    hf = save_random_hf_model(config, path, seed=seed)
+    return with_smollm2_tokenizer(save_random_hf_model(config, path, seed=seed), smollm2_hf_dir)
+
+
+def with_smollm2_tokenizer(hf_dir, smollm2_hf_dir) -> Path:
+    """`hf_dir` (a model of SmolLM2's vocabulary, 49152) with SmolLM2's tokenizer files copied in."""
     for f in Path(smollm2_hf_dir).iterdir():
         if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
-            shutil.copy2(f, Path(hf) / f.name)
-    return Path(hf)
+            shutil.copy2(f, Path(hf_dir) / f.name)
+    return Path(hf_dir)
 
 
 def tiny_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_train: int = 64,
@@ -59,6 +63,24 @@ def tiny_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_tr
         write_jsonl(heldout[:num_heldout], str(root / "heldout.jsonl"))
         out["heldout"] = root / "heldout.jsonl"
     return out
+
+
+def tiny_moe_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_train: int = 32,
+                              **config) -> dict:
+    """`tiny_trainer_material` for a tiny random Qwen3-MoE (`tiny_moe_hf_config`, `config`: its
+    overrides) of SmolLM2's vocabulary and tokenizer, converted to a torch_dist base in `root / "base"`.
+    Returns {"root", "hf", "base", "train"}."""
+    from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
+    from megatron_hdpissa.data.gsm8k import split_gsm8k
+    from megatron_hdpissa.data.sft import write_jsonl
+
+    root = Path(root)
+    config = tiny_moe_hf_config("qwen3_moe", **{"vocab_size": 49152, "initializer_range": 0.1, **config})
+    hf = with_smollm2_tokenizer(save_random_hf_model(config, root / "hf", seed=seed), smollm2_hf_dir)
+    base = convert_hf_to_megatron(hf, root / "base", progress=False, ckpt_format="torch_dist")
+    train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)
+    write_jsonl(train[:num_train], str(root / "train.jsonl"))
+    return {"root": root, "hf": hf, "base": base, "train": root / "train.jsonl"}
 
 
 def tiny_moe_hf_config(family: str, **overrides):

@@ -107,18 +107,20 @@ def _refusals():
     from megatron_hdpissa.checkpoint.trainer_dist import factor_specs
 
     block = ml.MoEBlock(2, 1, ml.logical_weights(0))
-    apply_hd_pissa(block, HDPiSSAConfig(rank=R), progress=False)
-    try:
-        factor_specs(block)
-        out.append(None)
-    except ValueError as err:
-        out.append(str(err))
+    apply_hd_pissa(block, HDPiSSAConfig(rank=R, target_modules=("linear_fc1", "linear_fc2")), progress=False)
+    out.append({s.key: (s.slice_ids, s.num_slices, s.groups.tp_size) for s in factor_specs(block)})
     return out
 
 
 def test_unsupported_expert_layouts_fail_naming_the_setting():
-    (dispatcher, lora, dist_ckpt), _ = run_distributed(_refusals, 2, ep=2)
+    (dispatcher, lora, specs0), (_, _, specs1) = run_distributed(_refusals, 2, ep=2)
     assert dispatcher[0] == "target_modules" and "moe_token_dispatcher_type='alltoall'" in dispatcher[1]
     assert "MoEAllGatherTokenDispatcher" in dispatcher[1]
     assert lora[0] == "target_modules" and "expert-parallel size 1" in lora[1]
-    assert "torch_dist checkpoints of HD-PiSSA expert adapters are not implemented" in dist_ckpt
+    # torch_dist keys (checkpoint/trainer_dist_experts): EP rank p's local expert j is global expert
+    # 2p + j (4 experts over EP = 2); at DP = 2 each replica serves both data shards: slices 0 and 1
+    for p, specs in enumerate((specs0, specs1)):
+        want = {f"hd_pissa.mlp.experts.local_experts.{2 * p + j}.{layer}.{w}.{part}"
+                for j in range(2) for layer, part in PARTS for w in "ab"}
+        assert set(specs) == want, (p, sorted(specs))
+        assert all(v == ([0, 1], 2, 1) for v in specs.values()), specs
