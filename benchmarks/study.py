@@ -43,8 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import study_budget  # noqa: E402
-from benchmarks import study_metrics as sm  # noqa: E402
-from benchmarks.study_run import Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare  # noqa: E402
+from benchmarks.study_run import (  # noqa: E402
+    Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare, sweep_lrs,
+)
 
 METHODS = ("hd-pissa", "pissa", "lora", "full")
 # Sweep centres on the half-decade grid. HD-PiSSA sums K Adam steps per step, so its best LR is
@@ -114,26 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sweep(st: Study, method: str) -> dict:
     """GSM8K runs at the grid around the method's centre, widened while the best is at an edge."""
     a = st.args
-    records, scores = {}, {}
-    todo = sm.lr_grid(a.lr_centres[method], a.lrs)
-    while todo:
-        for lr in todo:
-            rec = fine_tune(st, "gsm8k", method, lr, a.seeds[0], ("val", "botchan"))
-            records[lr] = rec
-            scores[lr] = None if rec["diverged"] else rec["eval"]["val"]["mean"]
-        nxt = sm.next_lr(scores, a.max_lrs)
-        if nxt is not None:
-            st.log(f"[{method}] best LR at the edge of {sorted(scores)}: widening to {nxt:g}")
-        todo = [nxt] if nxt is not None else []
-    best, at_edge = sm.best_lr(scores)
-    if scores[best] is None:
-        raise RuntimeError(f"[{method}] every learning rate of {sorted(scores)} diverged; lower --lr-centres")
-    for lr, rec in records.items():
-        if lr != best:
-            drop_export(st, rec)
-    st.log(f"[{method}] best LR {best:g} (validation loss {scores[best]:.4f})" + (" AT AN EDGE" if at_edge else ""))
-    return {"scores": scores, "best": best, "at_edge": at_edge, "flags": sm.sweep_flags(scores),
-            "runs": records}
+    return sweep_lrs(st, method, lambda lr: fine_tune(st, "gsm8k", method, lr, a.seeds[0], ("val", "botchan")),
+                     lambda rec: None if rec["diverged"] else rec["eval"]["val"]["mean"], "validation loss")
 
 
 def effective_rank(st: Study, best_runs: dict) -> dict:

@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import study_capacity_plan as plan  # noqa: E402
-from benchmarks import study_metrics as sm  # noqa: E402
-from benchmarks.study_run import Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare  # noqa: E402
+from benchmarks.study_run import (  # noqa: E402
+    Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare, sweep_lrs,
+)
 
 METHODS = ("hd-pissa", "pissa", "lora", "full")
 LR_CENTRES = {"hd-pissa": 3e-4, "pissa": 1e-3, "lora": 3e-3, "full": 3e-4}  # the GSM8K study's best LRs
@@ -170,23 +171,12 @@ def sweep(st: Study, method: str, sel: list[int]) -> dict:
     """Seed-1 runs on the grid around the centre, widened while the best is at an edge; scored on
     the selection slice at the last step."""
     a = st.args
-    runs, scores = {}, {}
-    todo = sm.lr_grid(a.lr_centres[method], a.lrs)
-    while todo:
-        for lr in todo:
-            runs[lr] = rec = train(st, method, lr, a.seeds[0])
-            last = rec["recall"][-1] if rec["recall"] and not rec["diverged"] else None
-            scores[lr] = plan.selection_score(last, sel) if last and last["step"] == a.steps else None
-        nxt = sm.next_lr(scores, a.max_lrs)
-        todo = [nxt] if nxt is not None else []
-    best, at_edge = sm.best_lr(scores)
-    if scores[best] is None:
-        raise RuntimeError(f"[{method}] every learning rate of {sorted(scores)} diverged; lower --lr-centres")
-    for lr, rec in runs.items():
-        if lr != best:
-            drop_export(st, rec)
-    st.log(f"[{method}] chosen LR {best:g} (selection score {scores[best]:.4f})" + (" AT AN EDGE" if at_edge else ""))
-    return {"scores": scores, "best": best, "at_edge": at_edge, "flags": sm.sweep_flags(scores), "runs": runs}
+
+    def score(rec):
+        last = rec["recall"][-1] if rec["recall"] and not rec["diverged"] else None
+        return plan.selection_score(last, sel) if last and last["step"] == a.steps else None
+
+    return sweep_lrs(st, method, lambda lr: train(st, method, lr, a.seeds[0]), score, "selection score")
 
 
 def effective_rank(st: Study, exports: dict) -> dict:

@@ -243,3 +243,28 @@ def check_sweep_args(p, a, methods, lr_centres: dict) -> None:
     a.lr_centres = centres
     if not 1 <= a.lrs <= a.max_lrs:
         p.error("need 1 <= --lrs <= --max-lrs")
+
+
+def sweep_lrs(st: Study, method: str, run, score, label: str) -> dict:
+    """The learning-rate sweep every study runs: `run(lr)` on the grid around the method's centre,
+    widened while the best `score(record)` (lower is better, None: diverged) is at an edge; the
+    runs other than the best lose their exports."""
+    a = st.args
+    runs, scores = {}, {}
+    todo = sm.lr_grid(a.lr_centres[method], a.lrs)
+    while todo:
+        for lr in todo:
+            runs[lr] = rec = run(lr)
+            scores[lr] = score(rec)
+        nxt = sm.next_lr(scores, a.max_lrs)
+        if nxt is not None:
+            st.log(f"[{method}] best LR at the edge of {sorted(scores)}: widening to {nxt:g}")
+        todo = [nxt] if nxt is not None else []
+    best, at_edge = sm.best_lr(scores)
+    if scores[best] is None:
+        raise RuntimeError(f"[{method}] every learning rate of {sorted(scores)} diverged; lower --lr-centres")
+    for lr, rec in runs.items():
+        if lr != best:
+            drop_export(st, rec)
+    st.log(f"[{method}] best LR {best:g} ({label} {scores[best]:.4f})" + (" AT AN EDGE" if at_edge else ""))
+    return {"scores": scores, "best": best, "at_edge": at_edge, "flags": sm.sweep_flags(scores), "runs": runs}

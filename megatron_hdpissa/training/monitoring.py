@@ -17,7 +17,7 @@ def real_tokens(batch: dict) -> int:
     """Real (non-pad) positions of a micro-batch: each row up to its last supervised position,
     since every example ends in a supervised label and padding only follows the row's last one."""
     mask = batch["loss_mask"] > 0
-    ends = (mask * torch.arange(1, mask.shape[1] + 1)).amax(dim=1)
+    ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(dim=1)
     return int(ends.sum())
 
 

@@ -23,7 +23,7 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from tests.helpers.hf_models import tiny_trainer_material
-from tests.helpers.trainer import expect_error, finetune_main
+from tests.helpers.trainer import expect_error, finetune_main, flags
 
 ITERS = 4
 
@@ -55,11 +55,7 @@ def _argv(m, run: str, layout: str, **over):
             "--train-iters": ITERS, "--save": m["root"] / run, "--ckpt-format": "torch_dist",
             "--log-json": m["root"] / f"{run}.jsonl", **LAYOUTS[layout][1]}
     args.update(over)
-    out = []
-    for k, v in args.items():
-        if v is not False:
-            out += [k] + ([] if v is None else [str(v)])
-    return out
+    return flags(args)
 
 
 def _run(m, run: str, layout: str, **over):
@@ -160,14 +156,14 @@ def _compare(m, run, reference, other_layout=None):
 def test_baselines_resume_at_another_tp(m, peft):
     """LoRA's factors (TP-split and TP-replicated, replicated over DP) and full fine-tuning's
     moments (sharded like each weight, the fused fc1 through megatron-core's swiglu factory)."""
-    flags = {"--peft": peft, "--hd-pissa-rank": 4, "--lr": 3e-3}
-    _run(m, f"{peft}_ref", "single", **flags)
-    _run(m, f"{peft}_ref_tp2", "tp2v1", **flags)
-    _run(m, f"{peft}_half", "tp2v1", **flags, **{"--exit-interval": ITERS // 2})
-    _run(m, f"{peft}_half", "single", **flags, **{"--load": m["root"] / f"{peft}_half"})
+    method_flags = {"--peft": peft, "--hd-pissa-rank": 4, "--lr": 3e-3}
+    _run(m, f"{peft}_ref", "single", **method_flags)
+    _run(m, f"{peft}_ref_tp2", "tp2v1", **method_flags)
+    _run(m, f"{peft}_half", "tp2v1", **method_flags, **{"--exit-interval": ITERS // 2})
+    _run(m, f"{peft}_half", "single", **method_flags, **{"--load": m["root"] / f"{peft}_half"})
     _compare(m, f"{peft}_half", _saved(m, f"{peft}_ref"), _saved(m, f"{peft}_ref_tp2"))
     # the baselines' K is the DP size (one data shard per rank): another DP is refused
-    argv = _argv(m, "dp_refused", "dp2", **flags, **{"--load": m["root"] / f"{peft}_half", "--save": False})
+    argv = _argv(m, "dp_refused", "dp2", **method_flags, **{"--load": m["root"] / f"{peft}_half", "--save": False})
     msg = run_distributed(expect_error, 2, 1, args=(argv,))[0]
     assert "saved with data-parallel size 1, this run has 2" in msg, msg
 
@@ -175,10 +171,10 @@ def test_baselines_resume_at_another_tp(m, peft):
 def test_sharded_fp32_masters_reshard_over_dp(m):
     """--bf16: each DP rank's fp32 master block is gathered on save and cut again on load (DP=2
     -> DP=1 with 2 virtual ranks); the masters and the bf16 weights continue as uninterrupted."""
-    flags = {"--bf16": None}
-    _run(m, "bf16_ref", "dp2", **flags)
-    _run(m, "bf16_half", "dp2", **flags, **{"--exit-interval": ITERS // 2})
-    _run(m, "bf16_half", "pp1", **flags, **{"--load": m["root"] / "bf16_half"})
+    method_flags = {"--bf16": None}
+    _run(m, "bf16_ref", "dp2", **method_flags)
+    _run(m, "bf16_half", "dp2", **method_flags, **{"--exit-interval": ITERS // 2})
+    _run(m, "bf16_half", "pp1", **method_flags, **{"--load": m["root"] / "bf16_half"})
     ref = _saved(m, "bf16_ref")
     assert any(k.startswith("hd_pissa_master.") and ref[k].dtype == torch.float32 for k in ref), sorted(ref)[:3]
     _compare(m, "bf16_half", ref)
@@ -217,14 +213,14 @@ def test_crash_during_save_keeps_previous_checkpoint(m):
     """Saves every iteration; the save of iteration 2 dies: iteration 1 stays the tracked
     checkpoint, the half-written folder is not taken for one, and resuming from it finishes
     exactly as the uninterrupted run."""
-    flags = {"--train-iters": 3, "--save-interval": 1}
-    msg = run_distributed(_main_crashing_in_second_save, 1, 1, args=(_argv(m, "crashed", "single", **flags),))[0]
+    run_flags = {"--train-iters": 3, "--save-interval": 1}
+    msg = run_distributed(_main_crashing_in_second_save, 1, 1, args=(_argv(m, "crashed", "single", **run_flags),))[0]
     assert "disk full (simulated)" in msg, msg
     run = m["root"] / "crashed"
     assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     # issue 23: the failed save's partial folder is removed (a killed save's is cleared by the next)
     assert not (run / "iter_0000002").exists() and not (run / "iter_0000002.tmp").exists()
-    r = _run(m, "crashed", "single", **flags, **{"--load": run})
+    r = _run(m, "crashed", "single", **run_flags, **{"--load": run})
     assert r["start"] == 1
     _run(m, "crash_ref", "single", **{"--train-iters": 3})
     want, got = _saved(m, "crash_ref"), _saved(m, "crashed")

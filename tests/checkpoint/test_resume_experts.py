@@ -22,7 +22,7 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from tests.helpers.hf_models import tiny_moe_trainer_material
-from tests.helpers.trainer import expect_error, finetune_main
+from tests.helpers.trainer import expect_error, finetune_main, flags
 
 ITERS = 3
 
@@ -38,11 +38,7 @@ def _argv(m, run: str, ep: int, **over):
             "--hd-pissa-virtual-ranks": 2, "--expert-model-parallel-size": ep, "--no-progress": None,
             "--seed": 3, "--train-iters": ITERS, "--save": m["root"] / run, "--ckpt-format": "torch_dist"}
     args.update(over)
-    out = []
-    for k, v in args.items():
-        if v is not False:
-            out += [k] + ([] if v is None else [str(v)])
-    return out
+    return flags(args)
 
 
 def _run(m, run: str, ep: int, world: int = 2, **over):

@@ -24,3 +24,12 @@ def expect_error(argv) -> str:
 def expect_errors(cases) -> list[str]:
     """`expect_error` of each argv in `cases`, in one process."""
     return [expect_error(argv) for argv in cases]
+
+
+def flags(args: dict) -> list[str]:
+    """The trainer's argv from {flag: value}: None is a bare switch, False leaves the flag out."""
+    out = []
+    for k, v in args.items():
+        if v is not False:
+            out += [k] + ([] if v is None else [str(v)])
+    return out

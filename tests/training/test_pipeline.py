@@ -12,7 +12,7 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from tests.helpers.hf_models import tiny_trainer_material
-from tests.helpers.trainer import expect_error, expect_errors, finetune_main
+from tests.helpers.trainer import expect_error, expect_errors, finetune_main, flags
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +33,7 @@ def _argv(m, run: str, **over):
             "--train-iters": 3, "--save": m["root"] / run, "--log-json": m["root"] / f"{run}.jsonl",
             "--ckpt-format": "torch"}  # _merged_weights reads the legacy stage files
     args.update(over)
-    out = []
-    for k, v in args.items():
-        if v is not False:
-            out += [k] + ([] if v is None else [str(v)])
-    return out
+    return flags(args)
 
 
 def _losses(m, run):
