@@ -6,7 +6,9 @@ size moves over --calibrate-facts (start in the middle, one up while its final r
 --target-recall, one down while it does not); the study takes the largest count that reached it.
 LoRA then trains on that count: at or above --saturation it saturates (the task would not tell the
 methods apart) and the choice is flagged. A short HD-PiSSA run and the two runs above give measured
-step costs, from which the steps are re-fitted to the budget (never more than calibrated). Writes
+step costs, from which the steps are re-fitted to the budget (never more than calibrated), then cut to the most steps at which,
+in the calibration runs, full fine-tuning had reached --target-recall and LoRA was still below
+--saturation (`plan.choose_steps`), so that the task separates the methods. Writes
 calibration.json (read by the study) and capacity_calibration.{json,md}.
 """
 from __future__ import annotations
@@ -71,13 +73,17 @@ def calibrate(a, argv, train, publish) -> dict:
                 (("full", full[num]), ("lora", lora), ("hd-pissa", hd)) if r["recall"]}
     if "lora" in measured:
         measured["pissa"] = measured["lora"]  # the same adapter shapes; assumed, not timed
-    a.num_facts, fit = num, plan.max_steps(a, budget, measured)
-    chosen = max(every, min(steps, fit) // every * every)
+    a.num_facts = num  # before the fit: the recall evaluations' cost grows with the fact count
+    fit = plan.max_steps(a, budget, measured)
+    full_curve = plan.curve(full[num]["recall"], range(num)) if not full[num]["diverged"] else []
+    lora_curve = plan.curve(lora["recall"], range(num)) if not lora["diverged"] else []
+    chosen, why_steps = plan.choose_steps(full_curve, lora_curve, min(steps, fit), every, a.target_recall,
+                                          a.saturation)
     lora_final = 0.0 if lora["diverged"] else _at(lora["recall"], chosen) or 0.0
     cal = {"num_facts": num, "steps": chosen, "facts_per_step": a.facts_per_step, "layers": a.layers,
            "why_facts": why,
-           "why_steps": (f"the most steps (multiple of the {every}-step recall interval) whose estimate fits "
-                         f"{a.budget_min:g} min with the measured step costs, at most the {steps} calibrated"),
+           "why_steps": why_steps + (f"; the study's cosine schedule then ends at that step, where the calibration's "
+                                     f"{steps}-step schedule was still at a higher LR"),
            "calibrated_steps": steps, "budget_fit_steps": fit, "target_recall": a.target_recall,
            "saturation": a.saturation, "full_recall": {str(f): r for f, r in tried.items()},
            "full_recall_at_steps": _at(full[num]["recall"], chosen), "lora_recall_at_steps": lora_final,
@@ -85,7 +91,8 @@ def calibrate(a, argv, train, publish) -> dict:
            "curves": {f"full {f}": plan.curve(r["recall"], range(f)) for f, r in full.items()}
            | {f"lora {num}": plan.curve(lora["recall"], range(num))},
            "lrs": {m: a.lr_centres[m] for m in ("full", "lora", "hd-pissa")}, "seed": a.seeds[0],
-           "estimate_s": est, "wall_s": time.time() - st.t0, "command": " ".join(["benchmarks/study_capacity.py",
+           "estimate_s": est, "wall_s": time.time() - st.t0,
+           "runs_s": sum(r.get("wall_s", 0.0) for r in (*full.values(), lora, hd)), "command": " ".join(["benchmarks/study_capacity.py",
                                                                                    *(argv or [])])}
     if cal["lora_saturates"]:
         st.log(f"calibration: LoRA SATURATES ({lora_final:.1%} >= {a.saturation:.0%}) at {num} facts")
@@ -114,6 +121,7 @@ def markdown(cal: dict) -> str:
          "- Measured step costs (s): " + ", ".join(f"{m} {s:.2f}" for m, s in cal["step_s"].items())
          + " (PiSSA taken as LoRA).", "", "| run | recall by step |", "|---|---|"]
     L += [f"| {name} | " + ", ".join(f"{int(s)}: {r:.0%}" for s, r in pts) + " |" for name, pts in cal["curves"].items()]
-    L += ["", f"Wall time {cal['wall_s'] / 60:.1f} min (estimated {cal['estimate_s'] / 60:.1f}). Command: "
+    L += ["", f"Wall time {cal['wall_s'] / 60:.1f} min (estimated {cal['estimate_s'] / 60:.1f}); the runs trained in "
+          f"{cal.get('runs_s', 0.0) / 60:.1f} min (runs found with --reuse keep their own time). Command: "
           f"`{cal['command']}`.", ""]
     return "\n".join(L)

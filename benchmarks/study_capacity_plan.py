@@ -81,6 +81,25 @@ def choose_facts(tried: Mapping[int, float], target: float) -> tuple[int, str]:
                   f"({tried[best]:.1%}): give more steps or fewer facts")
 
 
+
+def choose_steps(full: Sequence[Sequence[float]], lora: Sequence[Sequence[float]], most: int, every: int,
+                 target: float, saturation: float) -> tuple[int, str]:
+    """(steps, why) from the calibration runs' recall curves ([[step, recall], ...], one recall
+    record every `every` steps): the most steps, a multiple of `every` and at most `most` (what the
+    budget fits), at which full fine-tuning has reached `target` and LoRA is still below
+    `saturation`, so that the task separates the methods; else the most the budget fits."""
+    at = lambda pts, s: next((r for t, r in pts if t == s), None)  # noqa: E731
+    top = max(every, most // every * every)
+    for s in range(top, 0, -every):
+        f, l = at(full, s), at(lora, s)
+        if f is not None and l is not None and f >= target and l < saturation:
+            return s, (f"the most steps (a multiple of the {every}-step recall interval, at most the {most} the "
+                       f"budget fits) at which the calibration's full fine-tune had reached {target:.0%} recall "
+                       f"({f:.1%}) and LoRA was below {saturation:.0%} ({l:.1%})")
+    return top, (f"NO step count up to the {most} the budget fits had full fine-tuning at {target:.0%} with LoRA "
+                 f"below {saturation:.0%}; taking the most the budget fits")
+
+
 # ---- the runs and their cost -------------------------------------------------------------------------
 def step_cost(method: str, facts_per_step: int, measured: Mapping[str, float] | None = None) -> float:
     if measured and method in measured:

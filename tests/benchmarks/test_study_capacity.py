@@ -175,6 +175,52 @@ def test_calibration_search_and_choice():
     assert order == [128, 64, 32] and num == 32
 
 
+
+def test_calibration_steps_separate_the_methods():
+    """The steps: the most (within the budget's fit) at which full fine-tuning reached the target
+    and LoRA did not saturate; the curves are the calibration's 80-step runs, recall every 8."""
+    full = [[s, r] for s, r in zip(range(8, 81, 8), [0, .14, .88, .97, .98, 1, 1, 1, 1, 1])]
+    lora = [[s, r] for s, r in zip(range(8, 81, 8), [0, .02, .05, .11, .39, .92, 1, 1, 1, 1])]
+    assert plan.choose_steps(full, lora, 80, 8, 0.9, 0.9)[0] == 40  # 48: LoRA at 92% saturates
+    assert plan.choose_steps(full, lora, 39, 8, 0.9, 0.9)[0] == 32  # the budget caps it
+    steps, why = plan.choose_steps(full, lora, 30, 8, 0.9, 0.9)  # full has not reached 90% by 24
+    assert steps == 24 and "NO step count" in why
+    assert plan.choose_steps(full, lora, 80, 8, 0.9, 0.95)[0] == 48  # a looser saturation threshold
+    assert plan.choose_steps([], [], 5, 8, 0.9, 0.9)[0] == 8  # never below one recall interval
+
+
+def test_calibration_fits_the_budget_at_the_chosen_fact_count(tmp_path, monkeypatch):
+    """The budget's fit is taken with the chosen fact count (its recall evaluations cost with it), not
+    the largest candidate; fake fine-tunes, real calibration logic."""
+    import benchmarks.study_run as study_run
+    from benchmarks import study_capacity, study_capacity_calibrate
+
+    def prepare(st):
+        (st.out / "material").mkdir(parents=True)
+        facts = st.out / "material" / "facts.jsonl"
+        facts.write_text("".join('{"question": "q%d", "answer": " %d"}\n' % (i, i) for i in range(512)))
+        st.files = {"facts": facts}
+
+    def train(st, method, lr, seed, facts, steps, every, export, tag):
+        n = len(facts.read_text().splitlines())
+        good = method == "full" and n <= 64
+        recs = [{"step": s, "flags": [good and s >= 16] * n, "step_s": 2.0 * s, "first_step_s": 2.0}
+                for s in range(every, steps + 1, every)]
+        return {"diverged": False, "recall": recs, "steps": steps}
+
+    fits = []
+    real_fit = study_capacity_calibrate.plan.max_steps
+    monkeypatch.setattr(study_run, "prepare", prepare)
+    monkeypatch.setattr(study_capacity_calibrate.plan, "max_steps",
+                        lambda a, budget, measured=None: fits.append((a.num_facts, measured)) or real_fit(a, budget,
+                                                                                                          measured))
+    a = study_capacity.parse_args(["--out", str(tmp_path), "--steps", "80"])
+    cal = study_capacity_calibrate.calibrate(a, [], train, lambda *x: None)
+    assert cal["num_facts"] == 64 and fits[-1][0] == 64 and fits[-1][1]
+    assert cal["budget_fit_steps"] == real_fit(a, 60 * a.budget_min, fits[-1][1])
+    assert cal["steps"] == min(80, cal["budget_fit_steps"]) // 8 * 8 and not cal["lora_saturates"]
+
+
 def test_sweep_chooses_on_the_selection_facts_only(monkeypatch):
     """A fake fine-tune whose selection facts prefer LR 1e-4 and whose reported facts prefer 3e-4:
     the sweep must choose 1e-4, widen below it (it is the lowest tried) and stop there."""
