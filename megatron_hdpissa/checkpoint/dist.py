@@ -133,6 +133,8 @@ def save_dist_checkpoint(
         raise ValueError("--async-save is not supported by this trainer's torch_dist writer (megatron-core's "
                          "async writer starts a spawn-context Manager and forks writer processes; see "
                          "megatron_hdpissa.checkpoint.dist.sync_save_strategy); save synchronously")
+    from megatron_hdpissa.checkpoint.verify import agreed_sharding_check
+
     state = dict(sharded_state_dict)
     common = dict(common_state or {})
     overlap = set(common) & set(state)
@@ -143,7 +145,7 @@ def save_dist_checkpoint(
         state[COMMON_LAYOUT_KEY] = dict(layout)
     with atomic_iteration_dir(save_dir, iteration) as tmp:
         deferred: list = []
-        with _rank0_writes_deferred(deferred):
+        with _rank0_writes_deferred(deferred), agreed_sharding_check():  # no rank left waiting
             dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
         # dist_checkpointing.save ends with a barrier after metadata.json: every rank's shards exist
         if write_rank0_files is not None and world_rank() == 0 and not deferred:
@@ -198,7 +200,8 @@ def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "a
     from megatron.core import dist_checkpointing
 
     from megatron_hdpissa.checkpoint.safe_load import dcp_read_failure, dcp_where
-    from megatron_hdpissa.checkpoint.verify import (CheckpointReadError, agree, flat_tensors, nonfinite_key,
+    from megatron_hdpissa.checkpoint.verify import (CheckpointReadError, CheckpointShardingError, agree,
+                                                    agreed_sharding_check, flat_tensors, nonfinite_key,
                                                     nonfinite_message)
 
     iter_dir = Path(iter_dir)
@@ -206,13 +209,14 @@ def load_dist_checkpoint(iter_dir, sharded_state_dict: dict, *, strict: str = "a
         raise FileNotFoundError(f"{iter_dir} is not a torch_dist checkpoint ({DIST_METADATA_FILE} is missing)")
     global_keys = {path: getattr(v, "key", None) for path, v in flat_tensors(sharded_state_dict)}
     try:
-        loaded = dist_checkpointing.load(sharded_state_dict, str(iter_dir),
-                                         sharded_strategy=safe_sharded_strategy(),
-                                         common_strategy=safe_common_strategy(), strict=strict)
+        with agreed_sharding_check():  # no rank left waiting
+            loaded = dist_checkpointing.load(sharded_state_dict, str(iter_dir),
+                                             sharded_strategy=safe_sharded_strategy(),
+                                             common_strategy=safe_common_strategy(), strict=strict)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - torch.distributed.checkpoint raises BaseException
-        if isinstance(e, FileNotFoundError):
+        if isinstance(e, (FileNotFoundError, CheckpointShardingError)):
             raise
         raise dcp_read_failure(iter_dir, e) from None
     # every tensor read, checked on every rank; all ranks raise the same line (collective)

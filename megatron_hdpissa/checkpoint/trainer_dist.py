@@ -17,7 +17,8 @@ ranks. `save(state, save_dir)` and `load(state, load_dir)` take a `trainer_state
                             weight, sharded like the weight (the DP row blocks are gathered on
                             save and re-cut on load, so DP may change).
     "hd_pissa_compensation.<weight key>"  compensated-bf16: the Kahan terms, like the weight.
-    "lora.<layer>.<a|b>.<part>"     LoRA / PiSSA factors (one slice, replicated over DP).
+    "lora.<layer>.<a|b>.<part>"     LoRA / PiSSA factors (one slice, replicated over DP; experts
+                            by global expert over expert-TP / expert-DP: trainer_dist_lowrank_experts).
     "others_optimizer"      megatron-core's optimizer for ordinary trainable parameters, through
                             its own `sharded_state_dict`.
     common state            iteration, step counters, loss scaler, every slice's data position,
@@ -41,6 +42,7 @@ from megatron_hdpissa.checkpoint.atomic import iteration_dir_name, read_tracker,
 from megatron_hdpissa.checkpoint.dist import (COMMON_LAYOUT_KEY, MODEL_KEY, load_dist_checkpoint,
                                               save_dist_checkpoint, slice_sharded_tensor)
 from megatron_hdpissa.checkpoint.trainer_dist_experts import expert_placement, weight_stores
+from megatron_hdpissa.checkpoint.trainer_dist_lowrank_experts import lowrank_placement
 from megatron_hdpissa.checkpoint.trainer_state import (RESEED_ITERATION_STRIDE, Restored, TrainerState,
                                                        copy_base_files, is_adapter_key, rank_flag, reseed, rng_state,
                                                        set_rng_state, write_meta)
@@ -79,7 +81,8 @@ def factor_specs(model) -> list[FactorSpec]:
     out = []
     for prefix, adapters, sliced in (("hd_pissa", iter_adapters(model), True), ("lora", iter_lowrank(model), False)):
         for name, module, ad in adapters:
-            layer, slice_ids, groups = expert_placement(model, name, ad)  # experts: global expert, slices
+            # experts: global expert (HD-PiSSA also global slices; trainer_dist[_lowrank]_experts)
+            layer, slice_ids, groups = (expert_placement if sliced else lowrank_placement)(model, name, ad)
             column = ad.kind == COLUMN
             for part in ad.parts:
                 for which, param in (("a", ad.a[part.name]), ("b", ad.b[part.name])):

@@ -30,7 +30,7 @@ def expert_placement(model, name: str, ad) -> tuple[str, list[int] | None, objec
         return global_layer_name(model, name), None, None
     order = ad.layout.slice_order
     slices = [order[ad.first_slice + v] for v in range(ad.local_slices)]
-    return global_layer_name(model, ad.global_name), slices, groups
+    return ad.global_name, slices, groups  # global layer and global expert (build_expert_adapter)
 
 
 def weight_stores(state) -> list[tuple[object, object]]:

@@ -8,8 +8,10 @@ cause (`os_cause`), and every rank agrees on one message (`agree`) so that all r
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
@@ -94,6 +96,12 @@ def read_failure(path, exc: BaseException) -> CheckpointReadError:
     root = root_failure(exc)
     if isinstance(root, CheckpointReadError):
         return root
+    # megatron-core's torch_dist reader lists every key of the checkpoint after a missing one
+    missing = re.match(r"""^["']?(\S+) from model not in state dict: \[(.*)\]""", str(root))
+    if isinstance(root, KeyError) and missing:
+        held = len(re.findall(r"'[^']*'", missing.group(2)))
+        return CheckpointReadError(f"cannot read checkpoint {path}: this run asks for tensor {missing.group(1)!r}, "
+                                   f"which it does not hold ({held} tensors held: another model, method or targets?)")
     what = "truncated or corrupt" if "zip archive" in str(root) or "unexpected EOF" in str(root) else "unreadable"
     return CheckpointReadError(f"cannot read checkpoint file {path} ({what}): {type(root).__name__}: {one_line(root)}")
 
@@ -130,3 +138,45 @@ def agree(message: Optional[str]) -> Optional[str]:
 
     everyone = all_gather_object(message)
     return next((m for m in everyone if m is not None), None)
+
+
+# ---- sharding -----------------------------------------------------------------------------------
+class CheckpointShardingError(ValueError):
+    """The shards the ranks save or load do not fit together: the message names the tensor's key."""
+
+
+def sharding_message(exc: BaseException) -> str:
+    """One line for megatron-core's failed sharding check, naming the tensor's key."""
+    text = str(exc)
+    found = re.search(r"key='([^']*)'", text)
+    what = f"tensor {found.group(1)!r}" if found else "a tensor"
+    return (f"the checkpoint shards of {what} do not fit together across ranks (two ranks hold the same "
+            f"shard as its main copy, a shard is missing, or the ranks disagree on its shape or dtype): "
+            f"{type(exc).__name__}: {text[:400]}")
+
+
+@contextlib.contextmanager
+def agreed_sharding_check():
+    """megatron-core checks that a save's or load's shards fit together (`validate_sharding_integrity`)
+    on global rank 0 alone and raises there, which would leave every other rank waiting in the next
+    collective. Inside this context rank 0's verdict is shared: every rank raises the same
+    `CheckpointShardingError`, naming the key (collective, as the check itself)."""
+    from megatron.core.dist_checkpointing import state_dict_utils, validation
+
+    original = validation.validate_sharding_integrity
+
+    def agreed(global_metadata, common_state_dict=None):
+        message = None
+        try:
+            original(global_metadata, common_state_dict=common_state_dict)
+        except Exception as e:  # noqa: BLE001 - CheckpointingException or AssertionError, on rank 0 only
+            message = sharding_message(e)
+        message = agree(message)
+        if message is not None:
+            raise CheckpointShardingError(message)
+
+    validation.validate_sharding_integrity = state_dict_utils.validate_sharding_integrity = agreed
+    try:
+        yield
+    finally:
+        validation.validate_sharding_integrity = state_dict_utils.validate_sharding_integrity = original

@@ -138,14 +138,23 @@ def average_over_dp_(grads: list[torch.Tensor], groups: ParallelGroups) -> int:
     Returns the bytes handed to the collective (0 with one DP rank)."""
     if groups.dp_size == 1 or not grads:
         return 0
+    return sum_then_divide_(grads, groups.dp_group, groups.dp_size, groups.dp_size)
+
+
+def sum_then_divide_(grads: list[torch.Tensor], group, group_size: int, divisor: int) -> int:
+    """`grads` <- their sum over `group` (skipped when `group_size` is 1) divided by `divisor`, in
+    place, through one flat fp32 all-reduce. Returns the bytes handed to the collective."""
+    if not grads:
+        return 0
     flat = torch.cat([x.reshape(-1).float() for x in grads])
-    all_reduce_(flat, groups.dp_group)
-    flat.div_(groups.dp_size)
+    if group_size > 1:
+        all_reduce_(flat, group)
+    flat.div_(divisor)
     off = 0
     for x in grads:
         x.copy_(flat[off:off + x.numel()].view_as(x))
         off += x.numel()
-    return flat.numel() * flat.element_size()
+    return flat.numel() * flat.element_size() if group_size > 1 else 0
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +199,7 @@ def sum_over_grid(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     for size, group in ((groups.dp_size, groups.dp_group), (groups.tp_size, groups.tp_group),
                         (groups.pp_size, groups.pp_group)):
         if size > 1:
-            dist.all_reduce(t, group=group)
+            all_reduce_(t, group)
     return t
 
 

@@ -1,6 +1,8 @@
 """Mixture-of-experts models: the Qwen3-MoE / Mixtral HF config fields read, megatron-core's MoE settings, and the expert-parallel sizes checked."""
 from __future__ import annotations
 
+from megatron_hdpissa.models.moe_router import check_router_flag
+
 EP_FLAG = "--expert-model-parallel-size"
 ETP_FLAG = "--expert-tensor-parallel-size"
 # HF model_type -> transformers config / causal-LM class names of the MoE families read.
@@ -199,6 +201,7 @@ def expert_parallel_sizes(args) -> dict:
 def moe_flag_overrides(config, groups, args) -> dict:
     """`moe_overrides` for the trainer's flags and initialised groups, after the layout checks that
     depend on the checkpoint format and the backend."""
+    check_router_flag(config, getattr(args, "moe_router_trainable", False))  # --moe-router-trainable
     if config.num_experts:
         check_expert_job_flags(args, groups.ep_size, groups.etp_size, groups.tp_size)
     return moe_overrides(config, tp_size=groups.tp_size, ep_size=groups.ep_size, etp_size=groups.etp_size,

@@ -45,6 +45,17 @@ class SequenceParallelTorchNorm(nn.Module):
         return F.layer_norm(x, self.shape, weight, self._tp_summed(self.bias), self.eps)
 
 
+class HeadTorchNorm(SequenceParallelTorchNorm):
+    """Qwen3's q / k layernorm (over each attention head): the heads are split over TP, not the
+    sequence, so it needs nothing of SP (megatron-core's torch fallback refuses it under SP
+    all the same). A trainable one's gradient is summed over TP by megatron-core's
+    `finalize_model_grads` (by name, with `qk_layernorm`)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(config, hidden_size, eps, **kwargs)
+        self.sequence_parallel = False
+
+
 def needs_own_norm() -> bool:
     """True where megatron-core's local spec would fall back to its torch norm (no apex)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -66,5 +77,9 @@ def sequence_parallel_block_spec(layer_spec, tconfig, vp_stage=None):
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         if getattr(layer.submodules, name, None) is WrappedTorchNorm:
             setattr(layer.submodules, name, SequenceParallelTorchNorm)
+    attention = getattr(getattr(layer.submodules, "self_attention", None), "submodules", None)
+    for name in ("q_layernorm", "k_layernorm"):
+        if getattr(attention, name, None) is WrappedTorchNorm:
+            setattr(attention, name, HeadTorchNorm)
     num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceParallelTorchNorm)

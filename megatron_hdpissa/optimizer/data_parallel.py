@@ -9,6 +9,7 @@ from megatron_hdpissa.distributed.collectives import average_over_dp_
 from megatron_hdpissa.distributed.groups import ParallelGroups
 from megatron_hdpissa.optimizer.adamw import param_groups_by_decay
 from megatron_hdpissa.optimizer.clip_grads import grads_for_norm, record_step, unscale_and_clip_
+from megatron_hdpissa.optimizer.expert_grads import average_expert_grads_, expert_norm_pairs, is_expert_param
 from megatron_hdpissa.optimizer.finite_guard import nonfinite_marker, torch_adamw_bound, update_is_finite
 from megatron_hdpissa.optimizer.phases import PhaseHook, phase
 
@@ -19,7 +20,9 @@ class DataParallelAdamW(torch.optim.AdamW):
     """torch AdamW after averaging gradients over the data-parallel group (one flat all-reduce)
     and, with `clip_grad` > 0, clipping their global L2 norm (TP shards summed over TP, tensors
     replicated over TP counted once): the optimizer for LoRA, PiSSA and full fine-tuning
-    baselines in the same trainer.
+    baselines in the same trainer. MoE expert parameters (`expert_grads.is_expert_param`: expert
+    weights, their adapters) are summed over the expert-DP group and divided by DP instead, and
+    counted once per expert shard in the norm (`expert_grads`).
 
     The rules are HDPiSSAOptimizer's: weight decay on >= 2-D parameters only (`adamw.decays`; the
     parameters are split into a decaying and a non-decaying group), and a non-finite global norm
@@ -55,11 +58,15 @@ class DataParallelAdamW(torch.optim.AdamW):
                 loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
+        experts = [p for p in params if is_expert_param(p)]  # MoE experts: over expert-DP (expert_grads)
+        dense = [p for p in params if not is_expert_param(p)]
         with phase("aggregate", self.phase_hook):
-            self.last_step_bytes = average_over_dp_(grads, self.groups)
+            self.last_step_bytes = (average_over_dp_([p.grad for p in dense], self.groups)
+                                    + average_expert_grads_([p.grad for p in experts], self.groups))
         with phase("clip", self.phase_hook):  # on every rank: the norm's all-reduce spans the pipeline stages
-            norm, skip = unscale_and_clip_(grads, [], grads_for_norm(params, grads), self.groups, self.clip_grad,
-                                           track_norm=self.track_grad_norm)
+            norm, skip = unscale_and_clip_(grads, expert_norm_pairs(experts, [p.grad for p in experts], self.groups),
+                                           grads_for_norm(dense, [p.grad for p in dense]), self.groups,
+                                           self.clip_grad, track_norm=self.track_grad_norm)
         if record_step(self, norm, skip):
             return loss
         with phase("adam", self.phase_hook):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron_hdpissa.distributed.collectives import all_gather_object
 from megatron_hdpissa.optimizer.aggregation import DeltaAggregator, check_consistency, gather_factors
 from megatron_hdpissa.optimizer.master_weights import MasterWeights
 
@@ -50,7 +51,17 @@ class ExpertDomain:
         self.aggregator = DeltaAggregator(self.weight_store, self.groups, bucket_size, update_factors)
 
     def check_consistency(self, step: int) -> None:
-        check_consistency(self.entries, self.groups, step)
+        """`aggregation.check_consistency` over the expert groups, its verdict then shared by the
+        whole world: an expert shard's expert-DP x expert-TP x PP grid leaves out the other EP
+        ranks (other experts), which would otherwise wait in the next collective while it raises."""
+        message = None
+        try:
+            check_consistency(self.entries, self.groups, step)
+        except RuntimeError as e:
+            message = str(e)
+        everyone = [m for m in all_gather_object(message) if m is not None]
+        if everyone:  # the message naming the layer first (the others say "found on global rank")
+            raise RuntimeError(sorted(everyone, key=lambda m: "found on global rank" in m)[0])
 
     def gather_factors(self) -> None:
         gather_factors(self.entries, self.groups)

@@ -215,6 +215,9 @@ class HDPiSSAOptimizer(torch.optim.Optimizer):
         others = [p for gr in self.param_groups if not gr["hd_pissa"] for p in gr["params"]]
         other_pairs = [(p, self._grad(p, factor=False)) for p in others]
         other_pairs = [(p, x) for p, x in other_pairs if x is not None]
+        virtual = int(getattr(getattr(self.model, "hd_pissa_config", None), "virtual_ranks", 1))
+        for _, x in other_pairs if virtual > 1 else []:  # each local slice added its own mean: the K-slice mean
+            x.div_(virtual)
         if self.ddp is None and other_pairs:  # megatron-core DDP has averaged them already
             with phase("aggregate", self.phase_hook):
                 average_over_dp_([x for _, x in other_pairs], self.groups)

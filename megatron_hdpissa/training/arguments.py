@@ -16,6 +16,7 @@ from megatron_hdpissa.data.chat import AUTO, DATA_FORMATS
 from megatron_hdpissa.data.sft import ALPACA
 from megatron_hdpissa.data.tokenizer import TOKENIZER_TYPES
 from megatron_hdpissa.models.gpt import ATTENTION_BACKENDS, DEFAULT_SEED, SDPA
+from megatron_hdpissa.models.moe_router import ROUTER_FLAG, with_router
 from megatron_hdpissa.models.recompute import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS
 from megatron_hdpissa.peft.lowrank.config import LOWRANK_METHODS, LowRankConfig
 from megatron_hdpissa.training.guards import (  # --nonfinite-loss, --max-skipped-steps
@@ -133,6 +134,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="MoE: checked against the checkpoint's model (default: its model_config.json)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="MoE load-balancing loss coefficient (default: the HF config's router_aux_loss_coef)")
+    g.add_argument(ROUTER_FLAG, action="store_true",
+                   help="MoE: train the routers (mlp.router.weight) as ordinary data-parallel parameters, with "
+                        "every --peft method (--peft full trains them anyway); frozen by default")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard activations outside the TP regions over the sequence (needs TP > 1)")
     g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None)
@@ -250,6 +254,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.export_hf_adapter and (args.peft == FULL or not args.pretrained_checkpoint):
         parser.error("--export-hf-adapter needs an adapter method (--peft hd-pissa, lora or pissa) and "
                      "--pretrained-checkpoint (the original base W_0 the adapter is applied to)")
+    if args.moe_router_trainable and args.export_hf_adapter:
+        parser.error(f"{ROUTER_FLAG} changes the routers, which an HF PEFT LoRA adapter cannot carry "
+                     "(--export-hf-adapter): use --export-hf (the merged model)")
     if args.peft != HD_PISSA and args.hd_pissa_virtual_ranks != 1:
         parser.error("--hd-pissa-virtual-ranks only applies to --peft hd-pissa")
     lora_flags = [f for f in ("rank", "alpha", "target_modules") if getattr(args, f"lora_{f}") is not None]
@@ -276,7 +283,7 @@ def hd_pissa_config(args) -> HDPiSSAConfig:
             fused_decomposition=args.hd_pissa_fused_decomposition, svd_method=args.hd_pissa_svd,
             svd_oversampling=args.hd_pissa_svd_oversampling, svd_niter=args.hd_pissa_svd_niter,
             virtual_ranks=args.hd_pissa_virtual_ranks, update_factors=args.hd_pissa_update_factors,
-            trainable_modules=args.hd_pissa_trainable_modules,
+            trainable_modules=with_router(args.hd_pissa_trainable_modules, getattr(args, "moe_router_trainable", False)),
             consistency_check_interval=args.hd_pissa_check_interval, seed=args.seed,
             master_weights=args.hd_pissa_master_weights, aggregation=args.hd_pissa_aggregation,
             bucket_size=args.hd_pissa_bucket_size,
@@ -297,7 +304,7 @@ def lowrank_config(args) -> LowRankConfig:
             target_modules=_lora_or_hd_pissa(args, "target_modules"),
             fused_decomposition=args.hd_pissa_fused_decomposition, svd_method=args.hd_pissa_svd,
             svd_oversampling=args.hd_pissa_svd_oversampling, svd_niter=args.hd_pissa_svd_niter,
-            trainable_modules=args.hd_pissa_trainable_modules, seed=args.seed,
+            trainable_modules=with_router(args.hd_pissa_trainable_modules, args.moe_router_trainable), seed=args.seed,
         )
 
 

@@ -122,6 +122,7 @@ class FinetuneRecipe:
     def setup_adapters(self) -> None:
         from megatron_hdpissa import apply_hd_pissa
         from megatron_hdpissa.optimizer.data_parallel import DataParallelAdamW
+        from megatron_hdpissa.optimizer.expert_grads import tag_expert_params
         from megatron_hdpissa.peft.lowrank.model import apply_lowrank
         from megatron_hdpissa.optimizer.hd_pissa import HDPiSSAOptimizer
 
@@ -147,9 +148,10 @@ class FinetuneRecipe:
             if args.peft in LOWRANK_METHODS:
                 with flag_errors(args.peft):
                     apply_lowrank(model, cfg, g, progress=progress, decompose=not self.resuming)
-            else:
+            else:  # full fine-tuning; expert weights reduce over expert-DP (optimizer/expert_grads.py)
                 for p in model.parameters():
                     p.requires_grad_(True)
+                tag_expert_params(model)
             with flag_errors(args.peft):
                 self.optimizer = DataParallelAdamW([p for p in model.parameters() if p.requires_grad], groups=g,
                                                    clip_grad=args.clip_grad, **adam)

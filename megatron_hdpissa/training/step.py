@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megatron_hdpissa.distributed.collectives import all_reduce_, broadcast_
 from megatron_hdpissa.data.batches import attention_mask
+from megatron_hdpissa.models.moe_router import check_router_reduction
 from megatron_hdpissa.models.output_positions import at_positions, logits_at, supervised_positions
 from megatron_hdpissa.peft.hd_pissa.model import active_slice
 from megatron_hdpissa.distributed.groups import ParallelGroups
@@ -107,6 +108,7 @@ def configure_schedule(train_model, groups: ParallelGroups, ddp=None, *, grad_sc
     from megatron.core.utils import get_model_config
 
     config = get_model_config(train_model)
+    check_router_reduction(train_model, config.sequence_parallel, groups.tp_size)  # a trainable router's TP sum
     config.grad_scale_func = grad_scale_func
     if ddp is not None:
         config.no_sync_func = ddp.no_sync

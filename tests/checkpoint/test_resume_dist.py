@@ -23,7 +23,7 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from tests.helpers.hf_models import tiny_trainer_material
-from tests.helpers.trainer import expect_error, finetune_main, flags
+from tests.helpers.trainer import expect_error, finetune_main, flags, rel_diff, saved_tensors
 
 ITERS = 4
 
@@ -66,20 +66,13 @@ def _run(m, run: str, layout: str, **over):
 
 
 def _saved(m, run: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the run's latest torch_dist checkpoint, whole (global shapes)."""
-    from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
-    from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
-
-    return read_global_tensors(read_checkpoint_info(m["root"] / run).iter_dir)
+    return saved_tensors(m["root"] / run)
 
 
 def _losses(m, run):
     lines = (m["root"] / f"{run}.jsonl").read_text().splitlines()
     return {json.loads(x)["iteration"]: json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)}
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +134,9 @@ def _compare(m, run, reference, other_layout=None):
     resumed = _saved(m, run)
     assert set(resumed) == set(reference)
     base = _saved_base(m)
-    worst = {k: _rel(resumed[k], want) for k, want in reference.items()}
-    spread = {k: _rel(other_layout[k], want) if other_layout else 0.0 for k, want in reference.items()}
-    moved = [k for k in base if k.endswith(("linear_qkv.weight", "linear_fc2.weight")) and _rel(reference[k], base[k]) > 1e-4]
+    worst = {k: rel_diff(resumed[k], want) for k, want in reference.items()}
+    spread = {k: rel_diff(other_layout[k], want) if other_layout else 0.0 for k, want in reference.items()}
+    moved = [k for k in base if k.endswith(("linear_qkv.weight", "linear_fc2.weight")) and rel_diff(reference[k], base[k]) > 1e-4]
     lora = any(k.startswith("lora.") for k in reference)  # LoRA leaves W alone: its factors move
     assert len(moved) == (0 if lora else 2), f"the targeted weights moved: {moved}"
     bad = {k: (v, spread[k]) for k, v in worst.items() if v > 1e-5 + 3 * spread[k]}

@@ -22,7 +22,7 @@ import torch
 
 from tests.helpers.distributed import run_distributed
 from tests.helpers.hf_models import tiny_moe_trainer_material
-from tests.helpers.trainer import expect_error, finetune_main, flags
+from tests.helpers.trainer import expect_error, finetune_main, flags, rel_diff, saved_tensors
 
 ITERS = 3
 
@@ -46,14 +46,8 @@ def _run(m, run: str, ep: int, world: int = 2, **over):
 
 
 def _saved(m, run: str) -> dict[str, torch.Tensor]:
-    from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
-    from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
+    return saved_tensors(m["root"] / run)
 
-    return read_global_tensors(read_checkpoint_info(m["root"] / run).iter_dir)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +78,7 @@ def test_ep2_checkpoint_resumes_at_ep1(m, runs):
     assert {k.split(".local_experts.")[1].split(".")[0] for k in experts} == {"0", "1", "2", "3"}, experts[:4]
     assert all(want[k].shape[0] == 4 for k in experts if k.startswith("hd_pissa.")), "K = 4 slices"
     base = read_global_tensors(read_checkpoint_info(m["base"]).iter_dir)
-    moved = [k for k in base if "experts.linear_fc" in k and _rel(want[k], base[k]) > 1e-4]
+    moved = [k for k in base if "experts.linear_fc" in k and rel_diff(want[k], base[k]) > 1e-4]
     assert len(moved) == 2, f"the expert weights (fc1, fc2, stacked over layers and experts) moved: {moved}"
     _compare("EP=2 -> EP=1", resumed, want, runs["ep2"])
 
@@ -93,8 +87,8 @@ def _compare(what: str, resumed: dict, want: dict, other_ep: dict) -> None:
     """Every tensor of the resumed run within 1e-5 relative of the uninterrupted one, plus 3x how
     far the uninterrupted runs at EP = 1 and EP = 2 are apart (the first steps ran at EP = 2)."""
     assert set(resumed) == set(want)
-    worst = {k: _rel(resumed[k], v) for k, v in want.items()}
-    spread = {k: _rel(other_ep[k], v) for k, v in want.items()}
+    worst = {k: rel_diff(resumed[k], v) for k, v in want.items()}
+    spread = {k: rel_diff(other_ep[k], v) for k, v in want.items()}
     bad = {k: (d, spread[k]) for k, d in worst.items() if d > 1e-5 + 3 * spread[k]}
     assert not bad, f"{what}: (relative difference, EP spread) above the bound: {bad}"
     print(f"{what}: worst relative difference {max(worst.values()):.2e} over {len(worst)} tensors "

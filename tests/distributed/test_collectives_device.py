@@ -150,6 +150,24 @@ def test_a_tensor_on_an_unserved_device_is_moved_and_copied_back(monkeypatch):
     assert fake.seen[-1] is t and torch.equal(t, torch.full((3,), 2.0))
 
 
+def test_sum_over_grid_goes_through_the_placement(monkeypatch):
+    """sum_over_grid (the finite-update guard's and the trainer's grid sums): one placed all-reduce
+    per group of size > 1 (here DP and TP, not PP), each result copied back into `t`."""
+    from megatron_hdpissa.distributed import collectives
+    from megatron_hdpissa.distributed.groups import ParallelGroups
+
+    fake = _FakeRaw()
+    monkeypatch.setattr(collectives, "initialized", lambda: True)
+    monkeypatch.setattr(collectives, "_dist", fake)
+    monkeypatch.setattr(collectives, "served_devices", lambda group=None: {"meta"})
+    monkeypatch.setattr(collectives, "_placed", lambda t, group: t.clone())
+    groups = ParallelGroups(tp_group=None, dp_group=None, tp_rank=0, tp_size=2, dp_rank=0, dp_size=2)
+    t = torch.zeros(2, dtype=torch.float64)
+    assert collectives.sum_over_grid(t, groups) is t
+    assert len(fake.seen) == 2 and all(s is not t for s in fake.seen)
+    assert torch.equal(t, torch.full((2,), 2.0, dtype=torch.float64))
+
+
 # ---- the device rule through a real trainer run (2 gloo ranks) ---------------------------------------
 class FakeNccl:
     """torch.distributed as an NCCL-like backend sees it: every tensor argument of a collective must

@@ -66,16 +66,16 @@ def tiny_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_tr
 
 
 def tiny_moe_trainer_material(root, smollm2_hf_dir, gsm8k_path, seed: int, *, num_train: int = 32,
-                              **config) -> dict:
-    """`tiny_trainer_material` for a tiny random Qwen3-MoE (`tiny_moe_hf_config`, `config`: its
-    overrides) of SmolLM2's vocabulary and tokenizer, converted to a torch_dist base in `root / "base"`.
-    Returns {"root", "hf", "base", "train"}."""
+                              family: str = "qwen3_moe", **config) -> dict:
+    """`tiny_trainer_material` for a tiny random MoE (`tiny_moe_hf_config` of `family`, Qwen3-MoE unless
+    given; `config`: its overrides) of SmolLM2's vocabulary and tokenizer, converted to a torch_dist
+    base in `root / "base"`. Returns {"root", "hf", "base", "train"}."""
     from megatron_hdpissa.convert.hf_megatron import convert_hf_to_megatron
     from megatron_hdpissa.data.gsm8k import split_gsm8k
     from megatron_hdpissa.data.sft import write_jsonl
 
     root = Path(root)
-    config = tiny_moe_hf_config("qwen3_moe", **{"vocab_size": 49152, "initializer_range": 0.1, **config})
+    config = tiny_moe_hf_config(family, **{"vocab_size": 49152, "initializer_range": 0.1, **config})
     hf = with_smollm2_tokenizer(save_random_hf_model(config, root / "hf", seed=seed), smollm2_hf_dir)
     base = convert_hf_to_megatron(hf, root / "base", progress=False, ckpt_format="torch_dist")
     train, _ = split_gsm8k(str(gsm8k_path), num_heldout=319, seed=0)

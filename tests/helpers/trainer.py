@@ -33,3 +33,16 @@ def flags(args: dict) -> list[str]:
         if v is not False:
             out += [k] + ([] if v is None else [str(v)])
     return out
+
+
+def saved_tensors(folder) -> dict:
+    """Every global tensor of the latest training checkpoint in `folder` (either format's tracker)."""
+    from megatron_hdpissa.checkpoint.legacy import read_checkpoint_info
+    from megatron_hdpissa.checkpoint.safe_load import read_global_tensors
+
+    return read_global_tensors(read_checkpoint_info(folder).iter_dir)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float32 (0 / 0 counts as 0)."""
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))

@@ -89,21 +89,23 @@ def test_expert_slices_match_the_float64_reference(ep):
 
 
 def _refusals():
-    from megatron_hdpissa import HDPiSSAConfig, LowRankConfig, apply_hd_pissa, apply_lowrank
+    from megatron_hdpissa import HDPiSSAConfig, apply_hd_pissa
     from megatron_hdpissa.peft.common import ConfigError
 
     out = []
-    for build, apply in (
-        (lambda: ml.MoEBlock(2, 1, ml.logical_weights(0), moe_token_dispatcher_type="allgather"),
-         lambda m: apply_hd_pissa(m, HDPiSSAConfig(rank=R), progress=False)),
-        (lambda: ml.MoEBlock(2, 1, ml.logical_weights(0)),
-         lambda m: apply_lowrank(m, LowRankConfig("lora", rank=R), progress=False)),
-    ):
-        try:
-            apply(build())
-            out.append(None)
-        except ConfigError as err:
-            out.append((err.param, str(err)))
+    try:  # LoRA / PiSSA on experts at EP > 1 are supported (tests/peft/test_lowrank_experts.py)
+        block = ml.MoEBlock(2, 1, ml.logical_weights(0), moe_token_dispatcher_type="allgather")
+        apply_hd_pissa(block, HDPiSSAConfig(rank=R), progress=False)
+        out.append(None)
+    except ConfigError as err:
+        out.append((err.param, str(err)))
+    try:  # expert weights trained beside HD-PiSSA would be averaged over DP, mixing experts at EP > 1
+        block = ml.MoEBlock(2, 1, ml.logical_weights(0))
+        apply_hd_pissa(block, HDPiSSAConfig(rank=R, target_modules=("linear_fc1",),
+                                            trainable_modules=("linear_fc2",)), progress=False)
+        out.append(None)
+    except ConfigError as err:
+        out.append((err.param, str(err)))
     from megatron_hdpissa.checkpoint.trainer_dist import factor_specs
 
     block = ml.MoEBlock(2, 1, ml.logical_weights(0))
@@ -113,10 +115,11 @@ def _refusals():
 
 
 def test_unsupported_expert_layouts_fail_naming_the_setting():
-    (dispatcher, lora, specs0), (_, _, specs1) = run_distributed(_refusals, 2, ep=2)
+    (dispatcher, trainable, specs0), (_, _, specs1) = run_distributed(_refusals, 2, ep=2)
     assert dispatcher[0] == "target_modules" and "moe_token_dispatcher_type='alltoall'" in dispatcher[1]
     assert "MoEAllGatherTokenDispatcher" in dispatcher[1]
-    assert lora[0] == "target_modules" and "expert-parallel size 1" in lora[1]
+    assert trainable[0] == "trainable_modules" and "linear_fc2.weight is an expert weight" in trainable[1], trainable
+    assert "expert-parallel size 2" in trainable[1]
     # torch_dist keys (checkpoint/trainer_dist_experts): EP rank p's local expert j is global expert
     # 2p + j (4 experts over EP = 2); at DP = 2 each replica serves both data shards: slices 0 and 1
     for p, specs in enumerate((specs0, specs1)):

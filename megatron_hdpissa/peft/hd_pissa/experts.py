@@ -13,7 +13,7 @@ from torch import nn
 
 from megatron_hdpissa.distributed.collectives import all_gather_list, all_gather_object
 from megatron_hdpissa.distributed.groups import ParallelGroups
-from megatron_hdpissa.peft.common import COLUMN, ConfigError, Target, shard_factors
+from megatron_hdpissa.peft.common import COLUMN, ConfigError, Target, global_layer_name, shard_factors
 from megatron_hdpissa.peft.decomposition import slice_factors, top_singular
 from megatron_hdpissa.peft.hd_pissa.layer import HDPiSSAAdapter, thin_grads
 
@@ -56,6 +56,23 @@ class ExpertLayout:
 
     def slot(self, source: int, virtual: int) -> int:
         return self.shards.index(self.source_shards[source]) * self.virtual_ranks + virtual
+
+
+
+def check_trainable_experts(model: nn.Module, groups: ParallelGroups) -> None:
+    """HD-PiSSA averages its other trainable parameters over DP (or megatron-core DDP's dense
+    buffer), which is wrong for expert weights whenever replicas of one expert shard are not the
+    whole DP group (EP > 1 or expert-TP != TP): refuse them there, naming the parameter."""
+    if getattr(groups, "ep_size", 1) == 1 and getattr(groups, "etp_size", groups.tp_size) == groups.tp_size:
+        return
+    for name, module in model.named_modules():
+        if is_expert_linear(module):
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    raise ConfigError("trainable_modules", (
+                        f"{name}.{pname} is an expert weight: {{name}} cannot train expert weights beside HD-PiSSA "
+                        f"at expert-parallel size {groups.ep_size} / expert-TP {groups.etp_size} != TP "
+                        f"{groups.tp_size} (use --peft full or lora, or leave the experts out)"))
 
 
 def expert_layout(moe_layer: nn.Module, groups: ParallelGroups, virtual_ranks: int) -> ExpertLayout:
@@ -214,7 +231,9 @@ def build_expert_adapter(model: nn.Module, t: Target, config, groups: ParallelGr
     local = int(m.group("index"))
     ep_rank = _rank(moe.token_dispatcher.ep_group)
     global_index = ep_rank * moe.token_dispatcher.num_local_experts + local
-    global_name = t.name.replace(f".local_experts.{local}.", f".local_experts.{global_index}.")
+    # the global expert and the global layer (PP stage offset): the checkpoint key and the SVD seed
+    global_name = global_layer_name(model, t.name.replace(f".local_experts.{local}.",
+                                                          f".local_experts.{global_index}."))
     eg = layout.groups
     module = t.module
     return ExpertAdapter(

@@ -16,7 +16,7 @@ from megatron_hdpissa.peft.common import (
 from megatron_hdpissa.peft.decomposition import Unit, decompose_units, slice_factors
 from megatron_hdpissa.peft.hd_pissa.config import HDPiSSAConfig
 from megatron_hdpissa.peft.hd_pissa.experts import (
-    ExpertAdapter, build_expert_adapter, decompose_expert, is_expert_linear,
+    ExpertAdapter, build_expert_adapter, check_trainable_experts, decompose_expert, is_expert_linear,
 )
 from megatron_hdpissa.peft.hd_pissa.layer import CHILD, HDPiSSAAdapter
 
@@ -40,6 +40,7 @@ def apply_hd_pissa(model: nn.Module, config: HDPiSSAConfig, groups: Optional[Par
     first_slice = groups.dp_rank * local_slices
     targets = find_targets(model, config.target_modules, groups.tp_size, config.fused_decomposition)
     freeze_base(model, config.trainable_modules)
+    check_trainable_experts(model, groups)
     what = (f"{groups.dp_size} data-parallel ranks x {local_slices} virtual ranks x "
             f"{{name}} {config.rank}")
     layouts: dict = {}  # per MoE layer: its expert layout and routing capture
