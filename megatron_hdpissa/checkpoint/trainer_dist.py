@@ -43,7 +43,7 @@ from megatron_hdpissa.checkpoint.dist import (COMMON_LAYOUT_KEY, MODEL_KEY, load
                                               save_dist_checkpoint, slice_sharded_tensor)
 from megatron_hdpissa.checkpoint.trainer_dist_experts import expert_placement, weight_stores
 from megatron_hdpissa.checkpoint.trainer_dist_lowrank_experts import lowrank_placement
-from megatron_hdpissa.checkpoint.trainer_state import (RESEED_ITERATION_STRIDE, Restored, TrainerState,
+from megatron_hdpissa.checkpoint.trainer_state import (RESEED_ITERATION_STRIDE, Restored, TrainerState, check_trainable,
                                                        copy_base_files, is_adapter_key, rank_flag, reseed, rng_state,
                                                        set_rng_state, write_meta)
 from megatron_hdpissa.optimizer.grad_scaler import load_scaler_state, scaler_state
@@ -278,6 +278,7 @@ def check_compatible(saved: dict, expected: dict, load_dir) -> None:
     """A torch_dist checkpoint resumes at any TP / PP; what it may not change is the method, the
     rank and the number of slices K = DP x virtual ranks (each slice is one block of singular
     components with its own data shard: another K is another method and another batch order)."""
+    check_trainable(saved, expected, load_dir)
     for key, flag in (("peft", "--peft"), ("rank", rank_flag(expected))):
         if saved.get(key) != expected.get(key):
             raise ValueError(f"cannot resume from {load_dir}: it was saved with {flag} {saved.get(key)}, this "

@@ -25,9 +25,9 @@ from torch import nn
 
 from megatron_hdpissa.checkpoint.atomic import atomic_iteration_dir, iteration_dir_name, read_tracker, world_rank
 from megatron_hdpissa.checkpoint.legacy import CHECKPOINT_FILE, load_checked, rank_dir_name, save_rank_file
-from megatron_hdpissa.checkpoint.trainer_state import (STATE_DIR, Restored, TrainerState, copy_base_files,
-                                                       is_adapter_key, rank_flag, rng_state, set_rng_state,
-                                                       split_state_dict, write_meta)
+from megatron_hdpissa.checkpoint.trainer_state import (STATE_DIR, Restored, TrainerState, check_trainable,
+                                                       copy_base_files, is_adapter_key, rank_flag, rng_state,
+                                                       set_rng_state, split_state_dict, write_meta)
 from megatron_hdpissa.distributed.groups import ParallelGroups
 
 TRAINING_FORMAT = "megatron_hdpissa.train.v1"
@@ -73,6 +73,7 @@ def check_compatible(meta: dict, expected: dict, load_dir) -> None:
     flags = {"peft": "--peft", "dp_size": "data-parallel size (world size / TP)",
              "tp_size": "--tensor-model-parallel-size", "pp_size": "--pipeline-model-parallel-size",
              "virtual_ranks": "--hd-pissa-virtual-ranks", "rank": rank_flag(expected)}
+    check_trainable(meta, expected, load_dir)
     defaults = {"pp_size": 1}  # checkpoints written before pipeline parallelism
     for key, flag in flags.items():
         if meta.get(key, defaults.get(key)) != expected.get(key, defaults.get(key)):

@@ -113,6 +113,21 @@ def rank_flag(meta: dict) -> str:
     return "--hd-pissa-rank" if meta.get("peft") == HD_PISSA else "--lora-rank"
 
 
+def check_trainable(saved: dict, expected: dict, load_dir) -> None:
+    """Refuse to resume with another set of ordinary trainable parameters (`--hd-pissa-trainable-modules`,
+    `--moe-router-trainable`): the checkpoint's trained values would be frozen, or the new ones start
+    without optimizer moments, without a word. Metas without a config (older checkpoints) pass."""
+    def patterns(meta):
+        config = meta.get("config")
+        return None if not isinstance(config, dict) else sorted(set(config.get("trainable_modules") or ()))
+
+    was, now = patterns(saved), patterns(expected)
+    if was is not None and now is not None and was != now:
+        raise ValueError(f"cannot resume from {load_dir}: it was saved with trainable modules {was or 'none'}, "
+                         f"this run has {now or 'none'} (--hd-pissa-trainable-modules, --moe-router-trainable): "
+                         "resume with the same ones")
+
+
 def write_meta(iter_dir: Path, meta: dict) -> None:
     (Path(iter_dir) / STATE_DIR).mkdir(parents=True, exist_ok=True)
     (Path(iter_dir) / STATE_DIR / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -94,3 +94,22 @@ def test_resume_errors_name_the_methods_rank_flag(tmp_path):
             meta = {"peft": peft, "rank": 4, "dp_size": 1, "tp_size": 1, "virtual_ranks": 1}
             with pytest.raises(ValueError, match=f"saved with {flag} =? ?4, this run has 8"):
                 module.check_compatible(meta, {**meta, "rank": 8}, tmp_path)
+
+
+def test_resume_with_other_trainable_modules_is_refused(tmp_path):
+    """A resume that would freeze a trained router (or train a new module from no moments) fails
+    naming both sets and the flags; the same set in another order, or an old meta without a
+    config, passes."""
+    for module in (trainer_legacy, trainer_dist):
+        meta = {"peft": "hd-pissa", "rank": 4, "dp_size": 1, "tp_size": 1, "virtual_ranks": 1,
+                "config": {"trainable_modules": ["final_layernorm", "mlp.router"]}}
+        frozen = {**meta, "config": {"trainable_modules": ["final_layernorm"]}}
+        with pytest.raises(ValueError, match=r"trainable modules \['final_layernorm', 'mlp.router'\], this run "
+                                             r"has \['final_layernorm'\] .*--moe-router-trainable"):
+            module.check_compatible(meta, frozen, tmp_path)
+        with pytest.raises(ValueError, match=r"trainable modules none, this run has \['mlp.router'\]"):
+            module.check_compatible({**meta, "config": {"trainable_modules": []}},
+                                    {**meta, "config": {"trainable_modules": ["mlp.router"]}}, tmp_path)
+        module.check_compatible(meta, {**meta, "config": {"trainable_modules": ["mlp.router", "final_layernorm"]}},
+                                tmp_path)
+        module.check_compatible({k: v for k, v in meta.items() if k != "config"}, frozen, tmp_path)
