@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import study_budget  # noqa: E402
 from benchmarks.study_run import (  # noqa: E402
-    Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare, sweep_lrs,
+    Study, add_model_args, check_sweep_args, drop_export, evaluate, fine_tune, prepare, sweep_lrs,
 )
 
 METHODS = ("hd-pissa", "pissa", "lora", "full")
@@ -62,14 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="keep finished runs and evaluations found in --out")
     p.add_argument("--keep-exports", action="store_true", help="keep every run's merged HF export (538 MB each)")
     p.add_argument("--estimate-only", action="store_true", help="print the compute estimate and exit")
-    m = p.add_argument_group("model and methods")
-    m.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (dry runs)")
-    m.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
-    m.add_argument("--rank", type=int, default=8, help="per-rank adapter rank r (every method)")
-    m.add_argument("--alpha", type=float, default=None, help="s = alpha / r (default alpha = r)")
-    m.add_argument("--k", type=int, default=8, help="K: HD-PiSSA slices = data-parallel ranks emulated")
-    m.add_argument("--nproc", type=int, default=2, help="processes per fine-tune; divides K")
-    m.add_argument("--threads", type=int, default=None, help="threads for evaluation (default: all cores)")
+    add_model_args(p, METHODS)
     t = p.add_argument_group("GSM8K training")
     t.add_argument("--steps", type=int, default=10, help="optimizer steps per GSM8K run")
     t.add_argument("--seq-length", type=int, default=256)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import study_capacity_plan as plan  # noqa: E402
 from benchmarks.study_run import (  # noqa: E402
-    Study, check_sweep_args, drop_export, evaluate, fine_tune, prepare, sweep_lrs,
+    Study, add_model_args, check_sweep_args, drop_export, evaluate, fine_tune, prepare, sweep_lrs,
 )
 
 METHODS = ("hd-pissa", "pissa", "lora", "full")
@@ -58,15 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="rewrite capacity.md and the plots from capacity.json in --out (e.g. after the reading)")
     p.add_argument("--budget-min", type=float, default=75.0, help="the study's budget on 2 idle cores")
-    m = p.add_argument_group("model and methods")
-    m.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (dry runs)")
-    m.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {METHODS}")
-    m.add_argument("--rank", type=int, default=8, help="per-rank adapter rank r (every method)")
-    m.add_argument("--alpha", type=float, default=None, help="s = alpha / r (default alpha = r)")
-    m.add_argument("--k", type=int, default=8, help="K: HD-PiSSA slices = data-parallel ranks emulated")
-    m.add_argument("--nproc", type=int, default=2, help="processes per fine-tune; divides K")
-    m.add_argument("--k-sweep", default="1,2,4,8", help="HD-PiSSA's K values at its chosen LR")
-    m.add_argument("--threads", type=int, default=None, help="threads for evaluation (default: all cores)")
+    add_model_args(p, METHODS, [("--k-sweep", {"default": "1,2,4,8", "help": "HD-PiSSA's K values at its chosen LR"})])
     t = p.add_argument_group("facts and training")
     t.add_argument("--num-facts", type=int, default=None, help="default: calibration.json's choice")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps; default: calibration.json's")

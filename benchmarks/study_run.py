@@ -226,6 +226,22 @@ def drop_export(st: Study, rec: dict) -> None:
         shutil.rmtree(rec["hf"], ignore_errors=True)
 
 
+def add_model_args(p, methods, extra=()):
+    """Both studies' "model and methods" flags (`extra`: (flag, kwargs) pairs added before
+    --threads); returns the argument group."""
+    m = p.add_argument_group("model and methods")
+    m.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (dry runs)")
+    m.add_argument("--methods", default=",".join(methods), help=f"comma list from {methods}")
+    m.add_argument("--rank", type=int, default=8, help="per-rank adapter rank r (every method)")
+    m.add_argument("--alpha", type=float, default=None, help="s = alpha / r (default alpha = r)")
+    m.add_argument("--k", type=int, default=8, help="K: HD-PiSSA slices = data-parallel ranks emulated")
+    m.add_argument("--nproc", type=int, default=2, help="processes per fine-tune; divides K")
+    for flag, kwargs in extra:
+        m.add_argument(flag, **kwargs)
+    m.add_argument("--threads", type=int, default=None, help="threads for evaluation (default: all cores)")
+    return m
+
+
 def check_sweep_args(p, a, methods, lr_centres: dict) -> None:
     """The flags every study shares: --nproc / --k, --seeds (the sweep's and the repeat's),
     --lr-centres (NAME=LR items over `lr_centres`), --lrs / --max-lrs; errors through `p.error`."""

@@ -58,8 +58,9 @@ class DataParallelAdamW(torch.optim.AdamW):
                 loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        experts = [p for p in params if is_expert_param(p)]  # MoE experts: over expert-DP (expert_grads)
-        dense = [p for p in params if not is_expert_param(p)]
+        experts, dense = [], []  # MoE experts: over expert-DP (expert_grads)
+        for p in params:
+            (experts if is_expert_param(p) else dense).append(p)
         with phase("aggregate", self.phase_hook):
             self.last_step_bytes = (average_over_dp_([p.grad for p in dense], self.groups)
                                     + average_expert_grads_([p.grad for p in experts], self.groups))
